@@ -1,0 +1,393 @@
+"""
+The Mistral transformer, written out by hand, and its checkpoints.
+
+    from model import ModelArgs, Transformer, PRESETS, load_model, save_model
+    model = load_model("path/to/zephyr-7b-sft-full", dtype=torch.bfloat16, device="cuda")
+    logits = model(tokens)                        # [B, T, V]
+    hidden = model(tokens, return_hidden=True)    # [B, T, d], for space.sequence_logprobs
+
+The architecture (Jiang et al. 2023, "Mistral 7B") in the names of Mistral's own reference:
+pre-norm blocks of grouped-query attention with rotary positions and a sliding window,
+followed by a SwiGLU feed-forward; RMSNorm everywhere; an untied (or tied) output head.
+
+Checkpoints: Hugging Face folders (config.json + model.safetensors, or shards listed in
+model.safetensors.index.json; model_type "mistral" or "llama") and Mistral's native folders
+(params.json + consolidated.safetensors) load; save_model writes the Hugging Face layout, so a
+trained model goes straight to transformers, lm-eval or vLLM. This file needs only torch and
+safetensors.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096   # a token sees itself and the W-1 tokens before it; None = full causal
+    max_seq_len: int = 32768            # longest sequence the sampler's KV cache may hold
+    tie_embeddings: bool = False        # output.weight is tok_embeddings.weight
+    model_type: str = "mistral"         # "llama" is the same network without a sliding window
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+        """Read a transformers config.json (MistralConfig or LlamaConfig)."""
+        model_type = cfg.get("model_type")
+        if model_type not in ("mistral", "llama"):
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported (expected 'mistral' or 'llama')")
+
+        def need(key):
+            if key not in cfg:
+                raise ValueError(f"{source}: required field {key!r} is missing")
+            return cfg[key]
+
+        dim, n_heads = need("hidden_size"), need("num_attention_heads")
+        # transformers 4.x keeps rope_theta at the top level, 5.x inside rope_parameters
+        rope = cfg.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
+            raise ValueError(f"{source}: RoPE scaling {rope or cfg.get('rope_scaling')} is not supported")
+        window = cfg.get("sliding_window") if model_type == "mistral" else None
+        return cls(
+            dim=dim,
+            n_layers=need("num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or dim // n_heads,
+            hidden_dim=need("intermediate_size"),
+            vocab_size=need("vocab_size"),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            sliding_window=window,
+            max_seq_len=cfg.get("max_position_embeddings", 32768),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            model_type=model_type,
+            bos_id=_token_id(cfg, "bos_token_id", 1),
+            eos_id=_token_id(cfg, "eos_token_id", 2),
+        )
+
+    @classmethod
+    def from_mistral(cls, params: dict, source: str = "params.json") -> "ModelArgs":
+        """Read Mistral's native params.json."""
+        try:
+            return cls(
+                dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+                n_kv_heads=params.get("n_kv_heads", params["n_heads"]),
+                head_dim=params.get("head_dim", params["dim"] // params["n_heads"]),
+                hidden_dim=params["hidden_dim"], vocab_size=params["vocab_size"],
+                norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                sliding_window=params.get("sliding_window"),
+                tie_embeddings=params.get("tied_embeddings", False),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: required field {e.args[0]!r} is missing") from None
+
+    def to_hf(self) -> dict:
+        """A config.json that transformers' MistralForCausalLM (or LlamaForCausalLM) loads unchanged."""
+        cfg = {
+            "architectures": ["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"],
+            "model_type": self.model_type,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,  # both spellings, so transformers 4.x and 5.x read it
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "torch_dtype": "float32",
+        }
+        if self.model_type == "mistral":
+            cfg["sliding_window"] = self.sliding_window
+        return cfg
+
+
+def _token_id(cfg: dict, key: str, default: int) -> int:
+    x = cfg.get(key)
+    if x is None:
+        return default
+    return x[0] if isinstance(x, list) else x  # some configs list several EOS ids; the first is the template's
+
+
+PRESETS = {
+    "mistral-7b": ModelArgs(),  # Mistral-7B-v0.1, also zephyr-7b-sft-full: 7,241,732,096 parameters
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=176,
+                      vocab_size=512, sliding_window=16, max_seq_len=512),
+}
+
+
+# -----------------------------------------------------------------------------
+# The network
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 island: the mean of squares of bf16 activations loses too much precision
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos and sin of the rotary angles for each position: [..., T] -> two [..., T, head_dim/2] in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # fp32: positions up to 32k times a frequency need the mantissa
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [B, H, T, hd] in the "rotate-half" layout (the pair of channel i is channel i + hd/2).
+    This is the layout of Hugging Face checkpoints; Mistral's native checkpoints interleave the pairs
+    (2i, 2i+1) and are permuted once at load time instead (see _mistral_to_ours)."""
+    cos = cos[:, None] if cos.dim() == 3 else cos  # [B, 1, T, hd/2], or [T, hd/2] shared by every row
+    sin = sin[:, None] if sin.dim() == 3 else sin
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, n_kv, T, hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # the cache stores this step's keys and values and returns every key and value so far
+            k, v = cache.update(self.layer_id, k, v)                               # [B, n_kv, S, hd]
+        # mask None means plain causal attention over T; otherwise True marks the keys a query may see
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """True where query position q may attend key position k: k <= q and, with a sliding window W,
+    q - k < W (the token itself and the W-1 before it, the convention of transformers' Mistral)."""
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed = allowed & (diff < window)
+    return allowed
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens, positions=None, mask=None, cache=None, return_hidden=False):
+        """tokens [B, T] -> logits [B, T, V], or the final normed hidden states [B, T, d].
+
+        Training calls it with tokens alone: positions 0..T-1, causal attention with the sliding
+        window. The sampler passes per-row positions [B, T] (left-padded prompts start at 0 at
+        their first real token), a boolean mask [B, 1, T, S] over the cache's S slots, and the cache.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+            window = self.args.sliding_window
+            if mask is None and window is not None and window < T:
+                mask = causal_mask(positions, positions, window)  # [T, T]; plain causal is the fast path
+        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)  # [B, T, d]
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache)
+        h = self.norm(h)
+        return h if return_hidden else self.output(h)
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02):
+        """Random initialisation for a model trained from scratch (the demo); scaled residual outputs."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.data.fill_(1.0)
+            else:
+                s = std / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+                p.data.copy_(torch.randn(p.shape, generator=g) * s)
+        return self
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+# Hugging Face names for our (Mistral's) parameter names, per layer and at the top
+_HF_LAYER = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the Hugging Face name, e.g. layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight"""
+    base, suffix = name.rsplit(".", 1)
+    if base.startswith("layers."):
+        _, i, rest = base.split(".", 2)
+        return f"model.layers.{i}.{_HF_LAYER[rest]}.{suffix}"
+    return f"{_HF_TOP[base]}.{suffix}"
+
+
+def _interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Mistral's native wq/wk rows pair channels (2i, 2i+1) of each head for RoPE; ours pair (i, i+hd/2).
+    Reorder the rows of each head: [hd/2 pairs, 2] -> [2, hd/2 pairs]."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _read_safetensors(files, rename, dtype, device):
+    """Yield (our name, tensor) from safetensors files, one tensor at a time, so that casting a 7B
+    checkpoint to another dtype never holds two copies of it."""
+    from safetensors import safe_open
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for key in st.keys():
+                name = rename(key)
+                yield name, key, st.get_tensor(key).to(device=device, dtype=dtype)
+
+
+def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
+    """Load a Hugging Face or a Mistral-native checkpoint folder into a Transformer.
+
+    The model is built on the meta device and the tensors are assigned into it, so no memory is
+    spent on a random initialisation that would be overwritten."""
+    path = str(path)
+    if os.path.exists(os.path.join(path, "config.json")):
+        src = os.path.join(path, "config.json")
+        with open(src) as f:
+            args = ModelArgs.from_hf(json.load(f), src)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, f) for f in files]
+        else:
+            files = [os.path.join(path, "model.safetensors")]
+        ours = {hf_name(n): n for n in _param_names(args)}
+        rename = lambda key: ours.get(key, key)
+        permute = None
+    elif os.path.exists(os.path.join(path, "params.json")):
+        src = os.path.join(path, "params.json")
+        with open(src) as f:
+            args = ModelArgs.from_mistral(json.load(f), src)
+        files = [os.path.join(path, "consolidated.safetensors")]
+        rename = lambda key: key
+        permute = {"wq": args.n_heads, "wk": args.n_kv_heads}
+    else:
+        raise FileNotFoundError(f"{path}: no config.json (Hugging Face) or params.json (Mistral) in this folder")
+    for f in files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f}: checkpoint file is missing")
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once, as tok_embeddings
+    state = {}
+    for name, key, t in _read_safetensors(files, rename, dtype, device):
+        if args.tie_embeddings and name == "output.weight":
+            continue  # a tied checkpoint may still carry lm_head; the embedding is the one used
+        if name not in expected:
+            raise ValueError(f"{path}: unexpected tensor {key!r} (not part of a {args.model_type} model with this config)")
+        if permute and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = _interleaved_to_half(t, permute[name.split(".")[-2]])
+        if t.shape != expected[name]:
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the config says {tuple(expected[name])}")
+        state[name] = t
+    missing = [n for n in expected if n not in state]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{path}: missing tensors: {shown}")
+    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def _param_names(args: ModelArgs):
+    with torch.device("meta"):
+        return [n for n, _ in Transformer(args).named_parameters()] + (["output.weight"] if args.tie_embeddings else [])
+
+
+def save_model(model: Transformer, path, state_dict: dict | None = None):
+    """Write the Hugging Face layout: config.json + model.safetensors (tied heads stored once).
+    state_dict lets a distributed trainer pass a gathered full state dict instead of the module's."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    args = model.args
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in state.items()
+               if not (args.tie_embeddings and n == "output.weight")}
+    dtypes = {t.dtype for t in tensors.values()}
+    cfg = args.to_hf()
+    cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
