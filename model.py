@@ -304,14 +304,14 @@ def _interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _read_safetensors(files, rename, dtype, device):
-    """Yield (our name, tensor) from safetensors files, one tensor at a time, so that casting a 7B
+    """Yield (file, our name, its name in the file, tensor) from safetensors files, one tensor at a time, so that casting a 7B
     checkpoint to another dtype never holds two copies of it."""
     from safetensors import safe_open
     for f in files:
         with safe_open(f, framework="pt", device="cpu") as st:
             for key in st.keys():
                 name = rename(key)
-                yield name, key, st.get_tensor(key).to(device=device, dtype=dtype)
+                yield f, name, key, st.get_tensor(key).to(device=device, dtype=dtype)
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
@@ -351,15 +351,15 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
         model = Transformer(args)
     expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once, as tok_embeddings
     state = {}
-    for name, key, t in _read_safetensors(files, rename, dtype, device):
+    for file, name, key, t in _read_safetensors(files, rename, dtype, device):
         if args.tie_embeddings and name == "output.weight":
             continue  # a tied checkpoint may still carry lm_head; the embedding is the one used
         if name not in expected:
-            raise ValueError(f"{path}: unexpected tensor {key!r} (not part of a {args.model_type} model with this config)")
+            raise ValueError(f"{file}: unexpected tensor {key!r} (not part of a {args.model_type} model with this config)")
         if permute and name.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = _interleaved_to_half(t, permute[name.split(".")[-2]])
         if t.shape != expected[name]:
-            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the config says {tuple(expected[name])}")
+            raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the config says {tuple(expected[name])}")
         state[name] = t
     missing = [n for n in expected if n not in state]
     if missing:

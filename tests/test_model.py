@@ -1,0 +1,266 @@
+"""model.py against transformers' MistralForCausalLM / LlamaForCausalLM on random tiny checkpoints."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import PRESETS, ModelArgs, Transformer, load_model, save_model  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+
+# GQA (4 query heads share 2 KV heads) and a window of 8 inside sequences of 24
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=300, rms_norm_eps=1e-5,
+            max_position_embeddings=256, rope_theta=5000.0)
+
+
+def hf_model(model_type="mistral", tied=False, seed=0):
+    """A transformers model with every weight random, norm gains included (ones would hide a swapped norm)."""
+    torch.manual_seed(seed)
+    if model_type == "mistral":
+        cfg = transformers.MistralConfig(**TINY, sliding_window=8, tie_word_embeddings=tied)
+        m = transformers.MistralForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=tied)
+        m = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
+    return m.eval()
+
+
+def tokens(seed=1, B=3, T=24):
+    return torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(m, x):
+    with torch.no_grad():
+        return m(x).logits
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "llama"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_loads_hf_checkpoint_with_matching_logits(tmp_path, model_type, tied, sharded):
+    ref = hf_model(model_type, tied)
+    ref.save_pretrained(tmp_path, max_shard_size="60KB" if sharded else "1GB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json") == sharded
+    ours = load_model(tmp_path)
+    assert ours.args.model_type == model_type and ours.args.tie_embeddings == tied
+    assert ours.args.sliding_window == (8 if model_type == "mistral" else None)
+    if tied:
+        assert ours.output.weight is ours.tok_embeddings.weight
+    x = tokens()
+    with torch.no_grad():
+        diff = (ours(x) - hf_logits(ref, x)).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_sliding_window_changes_the_result():
+    """The window really is applied: the same weights with the window widened give other logits."""
+    m = Transformer(ModelArgs(**_args(sliding_window=8))).init_weights(0)
+    wide = Transformer(ModelArgs(**_args(sliding_window=None)))
+    wide.load_state_dict(m.state_dict())
+    x = tokens()
+    with torch.no_grad():
+        a, b = m(x), wide(x)
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)  # inside the first window nothing differs
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
+
+
+def _args(**kw):
+    base = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=160, vocab_size=300,
+                sliding_window=8, max_seq_len=256, rope_theta=5000.0)
+    base.update(kw)
+    return base
+
+
+def test_hidden_states_match_transformers(tmp_path):
+    ref = hf_model()
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    x = tokens()
+    with torch.no_grad():
+        h = ours(x, return_hidden=True)
+        h_ref = ref(x, output_hidden_states=True).hidden_states[-1]  # after the final norm
+    assert (h - h_ref).abs().max() < 1e-4
+    assert torch.allclose(ours.output(h), ours(x))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_model_loads_in_transformers(tmp_path, tied):
+    torch.manual_seed(0)
+    ours = Transformer(ModelArgs(**_args(tie_embeddings=tied))).init_weights(3, std=0.08)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    save_model(ours, tmp_path)
+    ref = transformers.MistralForCausalLM.from_pretrained(tmp_path).eval()
+    assert ref.config.sliding_window == 8 and ref.config.tie_word_embeddings == tied
+    x = tokens(seed=5)
+    with torch.no_grad():
+        assert (ours(x) - hf_logits(ref, x)).abs().max() < 1e-4
+    again = load_model(tmp_path)  # and back: a round trip is exact
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
+
+
+def _half_to_interleaved(w, n_heads):
+    """Mistral's native layout, built independently of model.py: within each head, native row 2i is
+    rotate-half row i and native row 2i+1 is rotate-half row i + hd/2."""
+    hd = w.shape[0] // n_heads
+    perm = torch.tensor([i // 2 + (i % 2) * (hd // 2) for i in range(hd)])
+    return w.view(n_heads, hd, -1)[:, perm].reshape(w.shape)
+
+
+def _mistral_native_folder(ref, path, tied=False):
+    cfg = ref.config
+    sd = {}
+    for name, t in ref.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        n = (name.replace("model.embed_tokens", "tok_embeddings").replace("model.norm", "norm")
+             .replace("lm_head", "output").replace("model.layers", "layers")
+             .replace("self_attn.q_proj", "attention.wq").replace("self_attn.k_proj", "attention.wk")
+             .replace("self_attn.v_proj", "attention.wv").replace("self_attn.o_proj", "attention.wo")
+             .replace("mlp.gate_proj", "feed_forward.w1").replace("mlp.down_proj", "feed_forward.w2")
+             .replace("mlp.up_proj", "feed_forward.w3").replace("post_attention_layernorm", "ffn_norm")
+             .replace("input_layernorm", "attention_norm"))
+        if n.endswith("attention.wq.weight"):
+            t = _half_to_interleaved(t, cfg.num_attention_heads)
+        if n.endswith("attention.wk.weight"):
+            t = _half_to_interleaved(t, cfg.num_key_value_heads)
+        sd[n] = t.contiguous()
+    os.makedirs(path, exist_ok=True)
+    save_file(sd, os.path.join(path, "consolidated.safetensors"))
+    params = dict(dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                  n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_dim=cfg.intermediate_size,
+                  vocab_size=cfg.vocab_size, norm_eps=cfg.rms_norm_eps, rope_theta=TINY["rope_theta"],
+                  sliding_window=cfg.sliding_window, tied_embeddings=tied)
+    with open(os.path.join(path, "params.json"), "w") as f:
+        json.dump(params, f)
+    return sd
+
+
+def test_mistral_native_folder_loads_to_the_same_logits(tmp_path):
+    ref = hf_model()
+    sd = _mistral_native_folder(ref, tmp_path)
+    ours = load_model(tmp_path)
+    x = tokens(seed=2)
+    with torch.no_grad():
+        assert (ours(x) - hf_logits(ref, x)).abs().max() < 1e-4
+
+    # The native layout rotates interleaved pairs, as Mistral's reference does with complex numbers.
+    # Attention scores computed that way from the native file equal ours (scores do not depend on
+    # how channels are ordered inside a head, only on which channels are paired).
+    emb = sd["tok_embeddings.weight"][x[0]]  # [T, d]
+    h = ours.layers[0].attention_norm(emb)
+    q_nat = (h @ sd["layers.0.attention.wq.weight"].T).view(24, 4, 16)
+    k_nat = (h @ sd["layers.0.attention.wk.weight"].T).view(24, 2, 16)
+    freqs = 1.0 / 5000.0 ** (torch.arange(0, 16, 2).double() / 16)
+    rot = torch.polar(torch.ones(24, 8, dtype=torch.float64), torch.outer(torch.arange(24).double(), freqs))
+    as_complex = lambda t: torch.view_as_complex(t.double().reshape(*t.shape[:-1], -1, 2))
+    q_c = as_complex(q_nat) * rot[:, None]
+    k_c = as_complex(k_nat) * rot[:, None]
+    scores_ref = torch.einsum("qhc,khc->hqk", q_c, k_c.repeat_interleave(2, dim=1).conj()).real
+    from model import apply_rope, rope_angles
+    att = ours.layers[0].attention
+    cos, sin = rope_angles(torch.arange(24), 16, 5000.0)
+    with torch.no_grad():
+        q = apply_rope(att.wq(h).view(1, 24, 4, 16).transpose(1, 2), cos, sin)[0]
+        k = apply_rope(att.wk(h).view(1, 24, 2, 16).transpose(1, 2), cos, sin)[0]
+    scores = torch.einsum("hqc,hkc->hqk", q.double(), k.repeat_interleave(2, dim=0).double())
+    assert (scores - scores_ref).abs().max() < 1e-4
+
+
+def test_mistral_7b_preset_has_the_published_parameter_count():
+    with torch.device("meta"):
+        m = Transformer(PRESETS["mistral-7b"])
+    assert sum(p.numel() for p in m.parameters()) == 7_241_732_096
+    assert PRESETS["mistral-7b"].to_hf()["sliding_window"] == 4096
+
+
+def test_load_in_bf16(tmp_path):
+    ref = hf_model()
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    x = tokens()
+    with torch.no_grad():
+        diff = (ours(x).float() - hf_logits(ref, x)).abs().max().item()
+    assert diff < 0.5  # bf16 keeps ~3 significant digits; a wrong layout would be off by whole units
+
+
+# --- bad checkpoints: each names its problem -------------------------------------------------
+
+def _edit_config(path, **changes):
+    with open(path / "config.json") as f:
+        cfg = json.load(f)
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    with open(path / "config.json", "w") as f:
+        json.dump(cfg, f)
+
+
+def _edit_tensors(path, edit):
+    from safetensors.torch import load_file
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, path / "model.safetensors")
+
+
+@pytest.fixture
+def good(tmp_path):
+    hf_model().save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_rejects_unknown_model_type(good):
+    _edit_config(good, model_type="gpt2")
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        load_model(good)
+
+
+def test_rejects_missing_config_field(good):
+    _edit_config(good, num_hidden_layers=None)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        load_model(good)
+
+
+def test_rejects_missing_tensor(good):
+    _edit_tensors(good, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors: layers\.1\.feed_forward\.w3\.weight"):
+        load_model(good)
+
+
+def test_rejects_unexpected_tensor(good):
+    _edit_tensors(good, lambda sd: sd.update({"model.layers.9.self_attn.q_proj.weight": torch.zeros(4, 4)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.9\.self_attn\.q_proj\.weight'"):
+        load_model(good)
+
+
+def test_rejects_wrong_shape(good):
+    _edit_config(good, intermediate_size=128)  # the tensors are 160 wide
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape \(\d+, \d+\), the config says .*128"):
+        load_model(good)
+
+
+def test_rejects_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_rejects_missing_shard(tmp_path):
+    hf_model().save_pretrained(tmp_path, max_shard_size="60KB")
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[0]
+    os.remove(tmp_path / shard)
+    with pytest.raises(FileNotFoundError, match=shard):
+        load_model(tmp_path)
