@@ -1,0 +1,466 @@
+"""
+Data for self-play fine-tuning: the tokenizer, the zephyr chat template, the two JSONL formats
+(chats and self-play samples) with their validation, batching, and a small built-in task.
+
+    python data.py demo out/demo                     # the demo task: {train,selfplay,test}.jsonl + tokenizer.model
+    python data.py check out/demo/train.jsonl --tokenizer out/demo/tokenizer.model
+    python data.py check ultrachat_train.jsonl --tokenizer zephyr-7b-sft-full/tokenizer.model
+
+Every sequence the trainer sees comes from `encode_example`: BOS, the prompt in the template ending
+with "<|assistant|>\\n", then a response and its EOS, with a loss mask that is 1 on the response.
+SFT, scoring with the frozen opponent, self-play training and generation all go through it, so
+they all see the same tokens.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+BOS, EOS = "<s>", "</s>"  # how text writes the two special tokens (Mistral's piece names)
+_SPECIAL = re.compile("(<s>|</s>)")
+
+# The serialized model plus these four bytes is the same model with add_dummy_prefix = false.
+# In protobuf's wire format they read: ModelProto field 3 (normalizer_spec, length 2) holding
+# NormalizerSpec field 3 (add_dummy_prefix, varint) = 0. A message field that appears twice is
+# merged, so nothing else changes: same pieces, same merges, same byte fallback.
+_NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
+
+
+class Tokenizer:
+    """sentencepiece, plus the two special tokens that the chat template writes as text.
+
+    The trap: sentencepiece with add_dummy_prefix (Mistral's model has it) encodes every string as
+    if it began with a space, "Hi" -> "▁Hi". Encoding the text between special tokens piece by
+    piece with it would put a space after every "</s>" that the text does not have. The rule here,
+    as sentencepiece and HF's non-legacy Llama tokenizer have it: text at the start of a document
+    (the start, or right after <s>) gets the dummy space; text that continues (after </s>, or a
+    response after its prompt: continuation=True) gets none. decode mirrors encode, so
+    decode(encode(x)) == x and decode(encode(x, continuation=True), continuation=True) == x.
+    """
+
+    def __init__(self, model_file):
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.sp_continue = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{model_file}: the tokenizer needs a BOS and an EOS piece")
+        # Mistral's model has no pad piece. Padding sits after the real tokens (right padding under a
+        # causal mask) and is masked out of every loss, so its id never matters: we use EOS, as zephyr does.
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode(self, text, bos=False, continuation=False):
+        """Token ids of text; "<s>" and "</s>" inside it become the BOS and EOS ids."""
+        ids = [self.bos_id] if bos else []
+        at_start = not continuation
+        for part in _SPECIAL.split(text):  # text, special, text, special, ..., text
+            if part in (BOS, EOS):
+                ids.append(self.bos_id if part == BOS else self.eos_id)
+                at_start = part == BOS
+            elif part:
+                ids.extend((self.sp if at_start else self.sp_continue).encode(part))
+        return ids
+
+    def decode(self, ids, continuation=False):
+        """Text of ids, the inverse of encode with the same continuation flag; BOS/EOS come back as <s>/</s>."""
+        out, run, at_start = [], [], not continuation
+        for i in [int(i) for i in ids] + [None]:  # None flushes the last run of ordinary tokens
+            if i is None or i in (self.bos_id, self.eos_id):
+                if run:  # at a document start, sentencepiece drops the dummy space the encoder added
+                    out.append((self.sp if at_start else self.sp_continue).decode(run))
+                run = []
+                if i is not None:
+                    out.append(BOS if i == self.bos_id else EOS)
+                    at_start = i == self.bos_id
+            else:
+                run.append(i)
+        return "".join(out)
+
+# -----------------------------------------------------------------------------
+# the chat template (zephyr's, as SPIN uses it) and the rule that turns a chat into tokens
+
+
+def render_chat(messages, add_generation_prompt=False):
+    """The zephyr template: "<|role|>\\n{content}</s>\\n" per turn; a prompt ends with "<|assistant|>\\n".
+    No BOS in the text: the encoders prepend its id."""
+    text = "".join(f"<|{m['role']}|>\n{m['content']}{EOS}\n" for m in messages)
+    return text + "<|assistant|>\n" if add_generation_prompt else text
+
+
+def split_chat(messages):
+    """(prompt_messages, real_response): the real response is the last assistant turn."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a chat must end with an assistant turn to split off as the real response")
+    return messages[:-1], messages[-1]["content"]
+
+
+def encode_prompt(tokenizer, prompt_messages, max_prompt=512):
+    """(ids, truncated): BOS + the rendered prompt ending with "<|assistant|>\\n", at most max_prompt ids.
+
+    SPIN keeps the last max_prompt tokens (the question sits at the end of a long conversation). SPIN
+    has no BOS at all; here every sequence starts with BOS, as in Mistral's pretraining, so a long
+    prompt keeps BOS plus its last max_prompt - 1 tokens. The cap depends on the prompt alone, so
+    generation sees exactly the prompt that training and scoring see."""
+    ids = tokenizer.encode(render_chat(prompt_messages, add_generation_prompt=True), bos=True)
+    if max_prompt is None or len(ids) <= max_prompt:
+        return ids, False
+    return [tokenizer.bos_id] + ids[len(ids) - (max_prompt - 1):], True
+
+
+def encode_example(tokenizer, prompt_messages, response, max_prompt=512, max_length=1024):
+    """(ids, loss_mask, truncated): the prompt, then response + EOS; the mask is 1 on the response and its EOS.
+
+    The response continues the prompt's "<|assistant|>\\n", so it is encoded as a continuation (no dummy
+    space); the sequence ends with the EOS, where generation stops, with no "\\n" after it. A response
+    longer than max_length - len(prompt) is cut there and loses its EOS, as in SPIN."""
+    if max_prompt is not None and max_length is not None and not 1 < max_prompt < max_length:
+        raise ValueError(f"need 1 < max_prompt < max_length, got {max_prompt} and {max_length}")
+    prompt, truncated = encode_prompt(tokenizer, prompt_messages, max_prompt)
+    reply = tokenizer.encode(response + EOS, continuation=True)
+    if max_length is not None and len(prompt) + len(reply) > max_length:
+        reply, truncated = reply[:max_length - len(prompt)], True
+    return prompt + reply, [0] * len(prompt) + [1] * len(reply), truncated
+
+
+def encode_chat(tokenizer, messages):
+    """(ids, loss_mask) of a whole conversation, untruncated: the loss is on its last assistant turn.
+    The same thing as encode_example (use that one to apply length limits)."""
+    ids, loss_mask, _ = encode_example(tokenizer, *split_chat(messages), max_prompt=None, max_length=None)
+    return ids, loss_mask
+
+
+def decode_response(tokenizer, ids):
+    """The text of generated response ids: everything before the first EOS, decoded as a continuation,
+    so encode_example re-encodes it to the same ids whenever the model chose sentencepiece's own split."""
+    ids = [int(i) for i in ids]
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids, continuation=True)
+
+# -----------------------------------------------------------------------------
+# dataset files: chat JSONL, self-play JSONL. Every bad line is reported as path:line: field: problem.
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages, last_role):
+    """The first (field, problem) in a messages list, or None. last_role: the role the list must end with."""
+    if messages is None:
+        return "messages", "missing"
+    if not isinstance(messages, list) or not messages:
+        return "messages", "must be a non-empty list of turns"
+    # zephyr's and UltraChat's order: an optional system turn, then user and assistant alternating
+    offset = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    for i, m in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(m, dict):
+            return field, f"must be an object with role and content, got {type(m).__name__}"
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            return f"{field}.role", "missing" if role is None else f"unknown role {role!r} (expected one of {ROLES})"
+        expected = "system" if i < offset else ("user", "assistant")[(i - offset) % 2]
+        if role != expected:
+            return f"{field}.role", (f"got {role!r} where {expected!r} belongs (an optional system turn, "
+                                     "then user and assistant alternating, starting with user)")
+        if content is None:
+            return f"{field}.content", "missing"
+        if not isinstance(content, str):
+            return f"{field}.content", f"must be a string, got {type(content).__name__}"
+        if not content.strip():
+            return f"{field}.content", "is empty"
+        if BOS in content or EOS in content:  # it would become a special token and break the template
+            return f"{field}.content", f"contains {BOS!r} or {EOS!r}, which the template reserves"
+    if messages[-1]["role"] != last_role:
+        why = "no assistant response to learn from" if last_role == "assistant" else "a prompt ends with the user's turn"
+        return "messages", f"the last turn is {messages[-1]['role']!r}, expected {last_role!r} ({why})"
+    return None
+
+
+def _is_finite_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_selfplay(record):
+    """The first (field, problem) in a self-play record, or None."""
+    problem = _check_messages(record.get("messages"), last_role="user")
+    if problem:
+        return problem
+    real, generated, ref_generated = record.get("real"), record.get("generated"), record.get("ref_generated")
+    if not isinstance(real, str) or not real.strip() or BOS in real or EOS in real:
+        return "real", f"must be a non-empty string without {BOS!r}/{EOS!r}, got {real!r:.60}"
+    # an empty generated response is legal: the model may stop at once
+    if not isinstance(generated, list) or not generated or not all(isinstance(g, str) for g in generated):
+        return "generated", "must be a non-empty list of strings"
+    if not _is_finite_number(record.get("ref_real")):
+        return "ref_real", f"must be a finite number, got {record.get('ref_real')!r}"
+    if not isinstance(ref_generated, list) or not all(_is_finite_number(x) for x in ref_generated):
+        return "ref_generated", "must be a list of finite numbers"
+    if len(ref_generated) != len(generated):
+        return "ref_generated", f"has {len(ref_generated)} scores for {len(generated)} generated responses"
+    return None
+
+
+def _read_jsonl(path, check):
+    """The records of a JSONL file; check(record) -> None or (field, problem). Raises ValueError listing
+    every bad line. Blank lines are skipped: they hold no record, so nothing is dropped."""
+    records, errors = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(record, dict):
+                errors.append(f"{where}: not a JSON object (got {type(record).__name__})")
+                continue
+            problem = check(record)
+            if problem:
+                errors.append(f"{where}: {problem[0]}: {problem[1]}")
+            else:
+                records.append(record)
+    if errors:
+        more = f"\n... and {len(errors) - 20} more bad lines" if len(errors) > 20 else ""
+        raise ValueError("\n".join(errors[:20]) + more)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def load_chats(path):
+    """Chat JSONL (UltraChat200k's shape): {"messages": [{"role", "content"}, ...]} a line, ending with an assistant turn."""
+    return _read_jsonl(path, lambda r: _check_messages(r.get("messages"), last_role="assistant"))
+
+
+def load_selfplay(path):
+    """Self-play JSONL: {"messages": prompt, "real", "generated": [K], "ref_real", "ref_generated": [K]} a line.
+    Every line must have the same K, because the trainer stacks the generated responses into [B, K]."""
+    k = []
+
+    def check(record):
+        problem = _check_selfplay(record)
+        if problem is None:
+            k.append(len(record["generated"]))
+            if k[-1] != k[0]:
+                return "generated", f"has {k[-1]} responses where the earlier lines have {k[0]} (K must be the same)"
+        return problem
+    return _read_jsonl(path, check)
+
+
+def save_jsonl(path, records):
+    """Write records one JSON object a line, atomically: a killed run leaves the old file or the new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:  # allow_nan=False: NaN is not JSON, refuse to write it
+            f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+def collate(examples, pad_id):
+    """(tokens, targets, mask), each [B, T] with T = longest sequence - 1, right-padded.
+
+    tokens = ids[:-1], targets = ids[1:], mask = loss_mask[1:]: position t predicts targets[t], and the
+    mask picks the response tokens (and their EOS) as targets. Padded targets hold pad_id rather than
+    -100 so that a gather over the vocabulary stays in range; the mask removes them."""
+    lengths = [len(ids) - 1 for ids, _ in examples]
+    if any(len(ids) != len(loss_mask) for ids, loss_mask in examples) or min(lengths) < 1:
+        raise ValueError("every example needs len(ids) == len(loss_mask) >= 2")
+    B, T = len(examples), max(lengths)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
+    targets = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((B, T), dtype=torch.bool)  # [B, T]
+    for b, ((ids, loss_mask), n) in enumerate(zip(examples, lengths)):
+        tokens[b, :n] = torch.tensor(ids[:-1])
+        targets[b, :n] = torch.tensor(ids[1:])
+        mask[b, :n] = torch.tensor(loss_mask[1:], dtype=torch.bool)
+    return tokens, targets, mask
+
+
+def batches(n, batch_size, seed, epoch=0, rank=0, world_size=1):
+    """This rank's share of every global batch of one epoch: a list of lists of example indices.
+
+    One permutation of range(n), fixed by (seed, epoch) alone, is cut into global batches; rank r takes
+    the r-th contiguous slice of each. So the ranks' slices of a batch, concatenated, are the batch a
+    single process would use, and a resumed run finds the same order. The incomplete tail of the
+    permutation is dropped for this epoch only: the next epoch's permutation reshuffles everything."""
+    if batch_size % world_size:
+        raise ValueError(f"global batch size {batch_size} is not divisible by world size {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if n < batch_size:
+        raise ValueError(f"{n} examples do not fill one global batch of {batch_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(n)  # its own generator, never the global RNG
+    local = batch_size // world_size
+    return [order[i + rank * local:i + (rank + 1) * local].tolist() for i in range(0, n - batch_size + 1, batch_size)]
+
+# -----------------------------------------------------------------------------
+# the demo task: arithmetic and letter puzzles with exactly checkable answers, made at run time.
+# Reversing and sorting a few letters is within reach of a tiny model; adding and subtracting
+# numbers of up to three digits (carries, most significant digit first) mostly is not, so a tiny
+# Mistral trained for minutes on a CPU ends up in between, with room for self-play to help.
+
+_PHRASINGS = {
+    "add": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}.", "Please calculate {a} plus {b}."],
+    "sub": ["What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}.", "Take {b} away from {a}."],
+    "reverse": ["Reverse the letters: {s}", "Write these letters in reverse order: {s}", "Reverse this sequence: {s}"],
+    "sort": ["Sort the letters alphabetically: {s}", "Put these letters in alphabetical order: {s}", "Sort: {s}"],
+}
+
+
+def _demo_problem(rng):
+    """(key, chat) for one random problem. The key names the problem without its phrasing, so no
+    problem is shared between splits, not even asked in other words."""
+    kind = rng.choice(sorted(_PHRASINGS))
+    if kind in ("add", "sub"):
+        a, b = rng.randint(1, 999), rng.randint(1, 999)
+        if kind == "sub" and a < b:
+            a, b = b, a  # answers stay non-negative
+        key, fields = (kind, a, b), {"a": a, "b": b}
+        answer = f"{a} + {b} = {a + b}" if kind == "add" else f"{a} - {b} = {a - b}"
+    else:
+        letters = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7))]
+        key, fields = (kind, *letters), {"s": " ".join(letters)}
+        answer = " ".join(letters[::-1] if kind == "reverse" else sorted(letters))
+    question = rng.choice(_PHRASINGS[kind]).format(**fields)
+    return key, {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def demo_splits(seed=0, n_train=4000, n_selfplay=1000, n_test=200):
+    """{"train", "selfplay", "test"}: lists of single-turn chats with disjoint problems, fixed by seed.
+    The test split is drawn first, so it does not change when the other two grow."""
+    rng, seen, splits = random.Random(seed), set(), {}
+    for name, n in (("test", n_test), ("selfplay", n_selfplay), ("train", n_train)):
+        splits[name] = []
+        while len(splits[name]) < n:
+            key, chat = _demo_problem(rng)
+            if key not in seen:
+                seen.add(key)
+                splits[name].append(chat)
+    return {name: splits[name] for name in ("train", "selfplay", "test")}
+
+
+def exact_match(prediction, reference):
+    """True when the whole response is the answer. Case and punctuation count; runs of whitespace
+    count as one space and the ends are stripped, so "4 + 5 = 9 \\n" matches "4 + 5 = 9"."""
+    return " ".join(prediction.split()) == " ".join(reference.split())
+
+
+def demo_tokenizer(chats, out_dir, vocab_size=512):
+    """Train a small BPE sentencepiece model on the chats' text, write out_dir/tokenizer.model, load it.
+
+    Built like Mistral's (BPE, digits split, byte fallback, dummy prefix, <unk>=0, <s>=1, </s>=2 as
+    control symbols, no pad), so the demo runs the same code paths as the real thing. The template's
+    tags and "\\n" are user-defined symbols, kept whole and never merged with neighbours, so a response
+    is split the same way whether or not its prompt is encoded with it. Single-threaded on an ordered
+    input, training is deterministic: the same chats give the same file (in well under a second)."""
+    texts = [render_chat(chat["messages"]).replace(EOS, "") for chat in chats]  # EOS is a control symbol, not text
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        user_defined_symbols=["<|system|>", "<|user|>", "<|assistant|>", "\n"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "tokenizer.model")
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    return Tokenizer(path)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def _stats(xs):
+    return f"min {min(xs)}, mean {sum(xs) / len(xs):.1f}, max {max(xs)}" if xs else "none"
+
+
+def check(path, tokenizer_file=None, max_prompt=512, max_length=1024):
+    """Validate a chat or self-play JSONL file (told apart by its first line) and print its statistics."""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        selfplay = "generated" in json.loads(first)
+    except (ValueError, TypeError):
+        selfplay = False  # load_chats reports the line
+    records = load_selfplay(path) if selfplay else load_chats(path)
+    if selfplay:
+        print(f"{path}: {len(records)} self-play prompts, K = {len(records[0]['generated'])} generated responses each")
+    else:
+        turns = sum(len(r["messages"]) for r in records)
+        print(f"{path}: {len(records)} chats, {turns} turns")
+    if tokenizer_file is None:
+        return
+    tokenizer = Tokenizer(tokenizer_file)
+    prompt_lens, real_lens, gen_lens, total, truncated = [], [], [], 0, 0
+    for r in tqdm(records, desc="encoding", leave=False):
+        prompt, real = (r["messages"], r["real"]) if selfplay else split_chat(r["messages"])
+        for i, response in enumerate([real] + (r["generated"] if selfplay else [])):
+            ids, loss_mask, cut = encode_example(tokenizer, prompt, response, max_prompt, max_length)
+            (gen_lens if i else real_lens).append(sum(loss_mask))
+            total, truncated = total + len(ids), truncated + cut
+        prompt_lens.append(len(ids) - sum(loss_mask))
+    print(f"tokens: {total} in {len(real_lens) + len(gen_lens)} sequences, "
+          f"{truncated} truncated (max prompt {max_prompt}, max length {max_length})")
+    print(f"prompt tokens: {_stats(prompt_lens)}")
+    print(f"real response tokens (with EOS): {_stats(real_lens)}")
+    if selfplay:
+        print(f"generated response tokens (with EOS): {_stats(gen_lens)}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check dataset files, or write the built-in demo task.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("check", help="validate a chat or self-play JSONL file and print its statistics")
+    p.add_argument("file", help="chat JSONL ({'messages': [...]} a line) or self-play JSONL")
+    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model; with it, token counts and truncation are printed")
+    p.add_argument("--max-prompt", type=int, default=512, help="prompt tokens kept (BOS and the last ones), as in training")
+    p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens kept, as in training")
+    p = commands.add_parser("demo", help="write the demo task as chat JSONL plus its tokenizer")
+    p.add_argument("out_dir", help="writes train.jsonl, selfplay.jsonl, test.jsonl and tokenizer.model here")
+    p.add_argument("--seed", type=int, default=0, help="the splits are a function of the seed")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        splits = demo_splits(seed=args.seed)
+        for name, chats in splits.items():
+            save_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), chats)
+        tokenizer = demo_tokenizer(splits["train"], args.out_dir)
+        print(f"{args.out_dir}: " + ", ".join(f"{len(c)} {n}" for n, c in splits.items()) + f", vocab {tokenizer.vocab_size}")
+        return 0
+    try:
+        check(args.file, args.tokenizer, args.max_prompt, args.max_length)
+    except ValueError as e:  # a bad line: say where, exit 1
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

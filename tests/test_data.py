@@ -1,0 +1,368 @@
+"""Tests for data.py: the tokenizer against sentencepiece itself, the template and loss mask on the real
+Mistral-7B tokenizer, every kind of bad JSONL line, truncation, batching and the demo task."""
+import json
+import os
+import re
+import sys
+import time
+
+import mistral_common
+import pytest
+import sentencepiece as spm
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+MISTRAL = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "12 + 30 = 42."},
+    {"role": "user", "content": " Now say héllo in Japanese 🎉"},
+    {"role": "assistant", "content": "こんにちは!\nThat is  \"hello\"."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.Tokenizer(MISTRAL)
+
+
+@pytest.fixture(scope="module")
+def sp():  # sentencepiece on its own: the independent reference
+    return spm.SentencePieceProcessor(model_file=MISTRAL)
+
+# -----------------------------------------------------------------------------
+# the tokenizer and the template, on Mistral-7B's tokenizer
+
+
+def test_special_ids(tok, sp):
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 32000)
+    assert tok.pad_id == tok.eos_id  # Mistral's model has no pad piece
+    assert tok.encode("<s></s>") == [1, 2] and tok.decode([1, 2]) == "<s></s>"
+    assert sp.encode("</s>") != [2]  # the reason encode splits on the special strings itself
+
+
+@pytest.mark.parametrize("text", [
+    "The quick brown fox.", "12 + 30 = 42", "  two leading spaces and two trailing  ", " x",
+    "héllo wörld, こんにちは 🎉", "line one\nline two\n\n\ttab", "3.14159 and 1,000,000",
+])
+def test_plain_text_is_sentencepiece(tok, sp, text):
+    assert tok.encode(text) == sp.encode(text)
+    assert tok.encode(text, bos=True) == [sp.bos_id()] + sp.encode(text)
+    # a continuation has no dummy space; sentencepiece after a byte-fallback "\n" (which merges with
+    # nothing) gives the reference: "\nX" -> ["▁", "<0x0A>", tokens of X with no space before]
+    assert tok.encode(text, continuation=True) == sp.encode("\n" + text)[2:]
+
+
+@pytest.mark.parametrize("text", [
+    "<|user|>\nHi</s>\n<|assistant|>\n", "<s><|user|>\nHi</s>\n<|assistant|>\nHello</s>",
+    " leading", "trailing ", "  both  ", "</s> after eos", "a<s> b</s>c", "héllo 日本 🎉 Ω≈ç√",
+    "0123456789 9876543210", "", "\n", "</s></s>",
+])
+def test_roundtrip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, continuation=True), continuation=True) == text
+
+
+def test_no_space_after_eos(tok, sp):
+    ids = tok.encode("<|user|>\nHi</s>\n<|assistant|>\n")
+    after = ids[ids.index(tok.eos_id) + 1:]
+    assert after == sp.encode("\n<|assistant|>\n")[1:]  # sentencepiece's own, minus only its dummy "▁"
+    assert sp.id_to_piece(after[0]) == "<0x0A>"
+
+
+def test_chat_has_bos_and_an_eos_per_turn(tok):
+    ids, loss_mask = data.encode_chat(tok, CHAT)
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    assert ids.count(tok.eos_id) == len(CHAT) and ids[-1] == tok.eos_id
+    # each turn, cut at its EOS, is that turn's text in the template
+    turns, start = [], 1
+    for end in [i for i, t in enumerate(ids) if t == tok.eos_id]:
+        turns.append(tok.decode(ids[start:end], continuation=start > 1))
+        start = end + 1
+    assert turns == [("\n" if i else "") + f"<|{m['role']}|>\n{m['content']}" for i, m in enumerate(CHAT)]
+    # the whole conversation: the template's text, ending at the last EOS (no "\n" after it) ...
+    assert tok.decode(ids) == "<s>" + data.render_chat(CHAT)[:-1]
+    # ... and the same tokens as encoding that text in one piece: splitting off the response changed nothing
+    assert ids == tok.encode(data.render_chat(CHAT)[:-1], bos=True)
+
+
+def test_loss_mask_is_the_last_assistant_turn(tok):
+    ids, loss_mask = data.encode_chat(tok, CHAT)
+    assert len(ids) == len(loss_mask) and set(loss_mask) == {0, 1}
+    first = loss_mask.index(1)
+    assert all(loss_mask[first:]) and loss_mask[-1] == 1  # one contiguous run, ending with the EOS
+    assert tok.decode(ids[first:], continuation=True) == CHAT[-1]["content"] + "</s>"
+    assert tok.decode(ids[:first]) == "<s>" + data.render_chat(CHAT[:-1], add_generation_prompt=True)
+
+
+def test_render_chat():
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    assert data.render_chat(msgs) == "<|user|>\nHi</s>\n<|assistant|>\nYo</s>\n"
+    assert data.render_chat(msgs[:1], add_generation_prompt=True) == "<|user|>\nHi</s>\n<|assistant|>\n"
+    assert data.split_chat(CHAT) == (CHAT[:-1], CHAT[-1]["content"])
+    with pytest.raises(ValueError):
+        data.split_chat(CHAT[:-1])
+
+
+def test_decode_response(tok):
+    ids = tok.encode(" Sure: 42", continuation=True) + [tok.eos_id, 5, 6]
+    assert data.decode_response(tok, ids) == " Sure: 42"
+    assert data.decode_response(tok, tok.encode("no eos", continuation=True)) == "no eos"
+
+# -----------------------------------------------------------------------------
+# truncation
+
+
+def test_truncation_keeps_bos_and_the_last_prompt_tokens(tok):
+    prompt = [{"role": "user", "content": " ".join(f"w{i}" for i in range(400))}]
+    response = " ".join(f"r{i}" for i in range(200))
+    full_prompt = tok.encode(data.render_chat(prompt, add_generation_prompt=True), bos=True)
+    full_reply = tok.encode(response + "</s>", continuation=True)
+    assert len(full_prompt) > 64 and len(full_reply) > 100
+
+    ids, loss_mask, truncated = data.encode_example(tok, prompt, response, max_prompt=64, max_length=100)
+    assert truncated and len(ids) == len(loss_mask) == 100
+    assert ids[:64] == [tok.bos_id] + full_prompt[-63:]  # BOS, then the last tokens, which end in "<|assistant|>\n"
+    assert ids[64:] == full_reply[:36] and loss_mask == [0] * 64 + [1] * 36
+
+    # a long prompt with a short response: only the prompt is cut, the response keeps its EOS
+    ids, loss_mask, truncated = data.encode_example(tok, prompt, "ok", max_prompt=64, max_length=100)
+    assert truncated and len(ids) == 64 + len(tok.encode("ok</s>", continuation=True)) and ids[-1] == tok.eos_id
+    # a short prompt with a long response: the response is cut to max_length - len(prompt)
+    short = [{"role": "user", "content": "Hi"}]
+    ids, loss_mask, truncated = data.encode_example(tok, short, response, max_prompt=64, max_length=100)
+    assert truncated and len(ids) == 100 and loss_mask.count(0) == len(data.encode_prompt(tok, short)[0])
+    # nothing to cut
+    ids, loss_mask, truncated = data.encode_example(tok, short, "Hello")
+    assert not truncated and ids[-1] == tok.eos_id
+    with pytest.raises(ValueError):
+        data.encode_example(tok, short, "Hello", max_prompt=100, max_length=100)
+
+# -----------------------------------------------------------------------------
+# dataset files
+
+GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+U, A, S = ({"role": r, "content": "x"} for r in ("user", "assistant", "system"))
+GOOD_SELFPLAY = {"messages": [S, U], "real": "yes", "generated": ["no", ""], "ref_real": -3.5, "ref_generated": [-1, -2.25]}
+
+BAD_CHATS = [  # (line, field or phrase the error must name)
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ("{}", "messages: missing"),
+    ('{"messages": []}', "messages: must be a non-empty list"),
+    ('{"messages": "hi"}', "messages: must be a non-empty list"),
+    ('{"messages": ["hi"]}', "messages[0]: must be an object"),
+    (json.dumps({"messages": [U, {"role": "bot", "content": "x"}]}), "messages[1].role: unknown role 'bot'"),
+    (json.dumps({"messages": [U, {"content": "x"}]}), "messages[1].role: missing"),
+    (json.dumps({"messages": [U, {"role": "assistant"}]}), "messages[1].content: missing"),
+    (json.dumps({"messages": [U, {"role": "assistant", "content": 5}]}), "messages[1].content: must be a string"),
+    (json.dumps({"messages": [U, {"role": "assistant", "content": " \n"}]}), "messages[1].content: is empty"),
+    (json.dumps({"messages": [{"role": "user", "content": "a</s>b"}, A]}), "messages[0].content: contains"),
+    (json.dumps({"messages": [A, U, A]}), "messages[0].role: got 'assistant' where 'user'"),
+    (json.dumps({"messages": [U, U, A]}), "messages[1].role: got 'user' where 'assistant'"),
+    (json.dumps({"messages": [U, S, A]}), "messages[1].role: got 'system'"),
+    (json.dumps({"messages": [S, S, U, A]}), "messages[1].role"),
+    (json.dumps({"messages": [U, A, U]}), "messages: the last turn is 'user'"),
+    (json.dumps({"messages": [S]}), "messages: the last turn is 'system'"),
+]
+
+BAD_SELFPLAY = [
+    ({"messages": [U, A]}, "messages: the last turn is 'assistant', expected 'user'"),
+    ({"real": None}, "real: must be a non-empty string"),
+    ({"real": ""}, "real: must be a non-empty string"),
+    ({"generated": []}, "generated: must be a non-empty list"),
+    ({"generated": ["a", 3]}, "generated: must be a non-empty list of strings"),
+    ({"ref_real": "1.0"}, "ref_real: must be a finite number"),
+    ({"ref_real": True}, "ref_real: must be a finite number"),
+    ({"ref_real": float("nan")}, "ref_real: must be a finite number"),
+    ({"ref_generated": [1.0, float("inf")]}, "ref_generated: must be a list of finite numbers"),
+    ({"ref_generated": [1.0]}, "ref_generated: has 1 scores for 2 generated"),
+    ({"generated": ["a", "b", "c"], "ref_generated": [1, 2, 3]}, "generated: has 3 responses where the earlier lines have 2"),
+]
+
+
+def write_lines(tmp_path, lines):
+    path = str(tmp_path / "file.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("line,problem", BAD_CHATS)
+def test_bad_chat_line(tmp_path, line, problem):
+    path = write_lines(tmp_path, [json.dumps(GOOD_CHAT), "", line, json.dumps(GOOD_CHAT)])
+    with pytest.raises(ValueError) as e:
+        data.load_chats(path)
+    assert f"{path}:3: {problem}" in str(e.value)  # the blank line 2 still counts
+
+
+@pytest.mark.parametrize("change,problem", BAD_SELFPLAY)
+def test_bad_selfplay_line(tmp_path, change, problem):
+    path = write_lines(tmp_path, [json.dumps(GOOD_SELFPLAY), json.dumps({**GOOD_SELFPLAY, **change})])
+    with pytest.raises(ValueError) as e:
+        data.load_selfplay(path)
+    assert f"{path}:2: {problem}" in str(e.value)
+
+
+def test_every_bad_line_is_reported(tmp_path):
+    path = write_lines(tmp_path, ["{", json.dumps(GOOD_CHAT), json.dumps({"messages": [U]}), "3"])
+    with pytest.raises(ValueError) as e:
+        data.load_chats(path)
+    assert [m.split(": ")[0] for m in str(e.value).splitlines()] == [f"{path}:1", f"{path}:3", f"{path}:4"]
+
+
+def test_bad_utf8_and_empty_files(tmp_path):
+    path = str(tmp_path / "bytes.jsonl")
+    with open(path, "wb") as f:
+        f.write(json.dumps(GOOD_CHAT).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid UTF-8")):
+        data.load_chats(path)
+    with pytest.raises(ValueError, match="no records"):
+        data.load_chats(write_lines(tmp_path, [""]))
+
+
+def test_good_files_roundtrip(tmp_path):
+    chats = [GOOD_CHAT, {"messages": CHAT}]
+    data.save_jsonl(str(tmp_path / "a" / "chats.jsonl"), chats)
+    assert data.load_chats(str(tmp_path / "a" / "chats.jsonl")) == chats
+    records = [GOOD_SELFPLAY, {**GOOD_SELFPLAY, "real": "é 🎉"}]
+    data.save_jsonl(str(tmp_path / "sp.jsonl"), records)
+    assert data.load_selfplay(str(tmp_path / "sp.jsonl")) == records
+    assert sorted(os.listdir(tmp_path)) == ["a", "sp.jsonl"]  # no temporary file left behind
+    with pytest.raises(ValueError):  # NaN is not JSON: refused at write time, the old file kept
+        data.save_jsonl(str(tmp_path / "sp.jsonl"), [{**GOOD_SELFPLAY, "ref_real": float("nan")}])
+    assert data.load_selfplay(str(tmp_path / "sp.jsonl")) == records
+
+
+def test_check_command(tmp_path, capsys):
+    good = str(tmp_path / "good.jsonl")
+    data.save_jsonl(good, [GOOD_CHAT, {"messages": CHAT}])
+    assert data.main(["check", good, "--tokenizer", MISTRAL, "--max-prompt", "20", "--max-length", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "2 chats, 7 turns" in out and "1 truncated" in out
+    sp_file = str(tmp_path / "sp.jsonl")
+    data.save_jsonl(sp_file, [GOOD_SELFPLAY])
+    assert data.main(["check", sp_file, "--tokenizer", MISTRAL]) == 0
+    assert "1 self-play prompts, K = 2" in capsys.readouterr().out
+    bad = write_lines(tmp_path, [json.dumps(GOOD_CHAT), json.dumps({"messages": [U, U]})])
+    assert data.main(["check", bad]) == 1
+    assert f"{bad}:2: messages[1].role" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+def test_batches_split_across_ranks():
+    n, batch_size = 103, 8
+    one = data.batches(n, batch_size, seed=1, epoch=0)
+    assert len(one) == n // batch_size and all(len(b) == batch_size for b in one)
+    flat = [i for b in one for i in b]
+    assert len(set(flat)) == len(flat) and set(flat) <= set(range(n))
+    for world_size in (2, 4):
+        ranks = [data.batches(n, batch_size, seed=1, epoch=0, rank=r, world_size=world_size) for r in range(world_size)]
+        assert [sum((r[i] for r in ranks), []) for i in range(len(one))] == one
+    assert data.batches(n, batch_size, seed=1, epoch=0) == one  # same seed, same order
+    assert data.batches(n, batch_size, seed=1, epoch=1) != one  # a new epoch reshuffles
+    assert data.batches(n, batch_size, seed=2, epoch=0) != one
+    with pytest.raises(ValueError, match="divisible"):
+        data.batches(n, batch_size, seed=1, world_size=3)
+    with pytest.raises(ValueError):
+        data.batches(5, batch_size, seed=1)
+
+
+def test_collate_by_hand():
+    examples = [([1, 10, 11, 12, 2], [0, 0, 0, 1, 1]),
+                ([1, 20, 21, 22, 23, 24, 25, 26, 2], [0, 0, 0, 0, 0, 1, 1, 1, 1]),
+                ([1, 2], [0, 1])]
+    tokens, targets, mask = data.collate(examples, pad_id=99)
+    P = 99
+    assert tokens.tolist() == [[1, 10, 11, 12, P, P, P, P], [1, 20, 21, 22, 23, 24, 25, 26], [1, P, P, P, P, P, P, P]]
+    assert targets.tolist() == [[10, 11, 12, 2, P, P, P, P], [20, 21, 22, 23, 24, 25, 26, 2], [2, P, P, P, P, P, P, P]]
+    assert mask.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0, 0, 0]]
+    assert tokens.dtype == targets.dtype == torch.long and mask.dtype == torch.bool
+
+
+def test_collate_lines_up_with_a_per_example_logprob(tmp_path):
+    # A toy "model" whose logits at a position depend on that position's token only. The batched,
+    # padded log-prob of each response must equal the one computed on the unpadded example alone.
+    splits = data.demo_splits(seed=0, n_train=300, n_selfplay=0, n_test=0)
+    tok = data.demo_tokenizer(splits["train"], str(tmp_path))
+    examples = [data.encode_example(tok, *data.split_chat(c["messages"]))[:2] for c in splits["train"][:16]]
+    assert len({len(ids) for ids, _ in examples}) > 3  # varied lengths
+    table = torch.randn(tok.vocab_size, tok.vocab_size, generator=torch.Generator().manual_seed(0))
+    tokens, targets, mask = data.collate(examples, tok.pad_id)
+    logp = table[tokens].log_softmax(-1).gather(-1, targets[..., None])[..., 0]  # [B, T]
+    batched = (logp * mask).sum(-1)
+    for b, (ids, loss_mask) in enumerate(examples):
+        naive = sum(table[ids[t]].log_softmax(-1)[ids[t + 1]] for t in range(len(ids) - 1) if loss_mask[t + 1])
+        assert torch.allclose(batched[b], naive, atol=1e-5)
+        assert mask[b].sum() == sum(loss_mask)  # every response token (BOS is never a target)
+
+# -----------------------------------------------------------------------------
+# the demo task
+
+
+def _problem(chat):  # what a problem is, regardless of phrasing: its numbers or letters, and its answer
+    question, answer = chat["messages"][0]["content"], chat["messages"][1]["content"]
+    return tuple(re.findall(r"\d+|\b[a-z]\b", question)), answer
+
+
+def test_demo_splits_disjoint_deterministic_and_correct():
+    splits = data.demo_splits(seed=5, n_train=2000, n_selfplay=500, n_test=200)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2000, "selfplay": 500, "test": 200}
+    problems = {k: {_problem(c) for c in v} for k, v in splits.items()}
+    assert len(problems["train"]) == 2000 and len(problems["test"]) == 200
+    assert not problems["train"] & problems["test"] and not problems["train"] & problems["selfplay"]
+    assert not problems["selfplay"] & problems["test"]
+    assert data.demo_splits(seed=5, n_train=2000, n_selfplay=500, n_test=200) == splits
+    assert data.demo_splits(seed=6, n_train=2000, n_selfplay=500, n_test=200) != splits
+    assert data.demo_splits(seed=5, n_train=10, n_selfplay=500, n_test=200)["test"] == splits["test"]
+    for chat in sum(splits.values(), []):  # recompute every answer
+        assert [m["role"] for m in chat["messages"]] == ["user", "assistant"]
+        question, answer = chat["messages"][0]["content"], chat["messages"][1]["content"]
+        if re.fullmatch(r"\d+ [+-] \d+ = \d+", answer):
+            a, op, b, _, c = answer.split()
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) and int(c) >= 0
+            assert a in question and b in question
+        else:
+            letters = question.split(": ")[1].split()
+            assert answer.split() in (letters[::-1], sorted(letters))
+
+
+def test_exact_match():
+    assert data.exact_match("12 + 30 = 42", "12 + 30 = 42")
+    assert data.exact_match("  12 +  30 = 42\n", "12 + 30 = 42")
+    assert not data.exact_match("12 + 30 = 43", "12 + 30 = 42")
+    assert not data.exact_match("12 + 30 = 42.", "12 + 30 = 42")
+    assert not data.exact_match("A b c", "a b c")
+    assert not data.exact_match("", "a")
+
+
+def test_demo_tokenizer(tmp_path):
+    chats = sum(data.demo_splits(seed=0).values(), [])
+    start = time.time()
+    tok = data.demo_tokenizer(chats, str(tmp_path / "a"))
+    assert time.time() - start < 2
+    data.demo_tokenizer(chats, str(tmp_path / "b"))
+    with open(tmp_path / "a" / "tokenizer.model", "rb") as a, open(tmp_path / "b" / "tokenizer.model", "rb") as b:
+        assert a.read() == b.read()  # same chats, same model
+    assert tok.vocab_size == 512 and (tok.bos_id, tok.eos_id) == (1, 2)
+    assert tok.encode("</s>") == [tok.eos_id] and tok.encode("<s>") == [tok.bos_id]
+    for tag in ("<|user|>", "<|assistant|>", "<|system|>", "\n"):
+        assert len(tok.encode(tag, continuation=True)) == 1
+    for chat in chats[::7]:
+        text = data.render_chat(chat["messages"])
+        assert tok.decode(tok.encode(text, bos=True)) == "<s>" + text
+        ids, loss_mask = data.encode_chat(tok, chat["messages"])
+        assert tok.decode([i for i, m in zip(ids, loss_mask) if m], continuation=True) == chat["messages"][-1]["content"] + "</s>"
+    assert tok.decode(tok.encode("Ünïcode is not in the demo text")) == "Ünïcode is not in the demo text"  # byte fallback
+
+
+def test_demo_command(tmp_path, capsys):
+    assert data.main(["demo", str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["selfplay.jsonl", "test.jsonl", "tokenizer.model", "train.jsonl"]
+    assert data.load_chats(str(tmp_path / "test.jsonl")) == data.demo_splits(seed=0)["test"]
