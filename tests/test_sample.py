@@ -1,0 +1,175 @@
+"""sample.py against two independent references: the model recomputed from scratch every step
+(no cache, no padding, no masks of ours) and transformers' MistralForCausalLM.generate."""
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import ModelArgs, Transformer, save_model  # noqa: E402
+from sample import generate  # noqa: E402
+
+# a window shorter than the long prompt, and than every prompt plus its generation
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=176,
+                 vocab_size=256, sliding_window=12, max_seq_len=96)
+LENGTHS = (3, 17, 40)
+N = 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these models are tiny: threads buy nothing, and on a busy machine OpenMP's spinning workers
+    # make every small op slower by 10x or more
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_model(seed=0, args=ARGS):
+    """Random weights at a scale where the logits are spread out (the default std 0.02 makes them
+    nearly flat, and argmax then hangs on rounding), with norm weights away from 1."""
+    model = Transformer(args).init_weights(seed, std=0.2)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data += 0.3 * torch.randn(p.shape, generator=g)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(0, ARGS.vocab_size, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def greedy_no_cache(model, prompt, n):
+    """The naive sampler: the whole sequence through the model every step, argmax of the last logits."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(model(torch.tensor([seq]))[0, -1].argmax().item())
+    return seq[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def greedy(model, prompts):
+    return [greedy_no_cache(model, p, N) for p in prompts]
+
+
+def test_greedy_equals_no_cache_reference(model, prompts, greedy):
+    out = generate(model, prompts, N, temperature=0)
+    assert all(len(p) + N > ARGS.sliding_window for p in prompts)
+    for row, ref in zip(out, greedy):
+        assert len(set(ref)) > N // 2, "degenerate reference: random weights too small?"
+        assert row == ref
+
+
+def test_greedy_equals_no_cache_reference_without_window(prompts):
+    model = random_model(args=replace(ARGS, sliding_window=None, model_type="llama"))
+    out = generate(model, prompts, N, temperature=0)
+    assert out == [greedy_no_cache(model, p, N) for p in prompts]
+
+
+def test_greedy_equals_transformers(model, prompts, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    save_model(model, tmp_path)
+    hf = transformers.MistralForCausalLM.from_pretrained(tmp_path).eval()
+    out = generate(model, prompts, N, temperature=0)
+    for prompt, row in zip(prompts, out):
+        x = torch.tensor([prompt])
+        # attention_mask given: otherwise transformers treats every token equal to pad_token_id as padding;
+        # eos_token_id out of the vocabulary: no early stop, and no eos suppression (min_new_tokens would)
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N, do_sample=False,
+                          eos_token_id=ARGS.vocab_size + 1, pad_token_id=0)
+        assert row == ref[0, len(prompt):].tolist()
+
+
+def test_seed_reproducible_and_global_rng_untouched(model, prompts):
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50)
+    a = generate(model, prompts, seed=0, **kw)
+    b = generate(model, prompts, seed=0, **kw)
+    c = generate(model, prompts, seed=1, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == b
+    assert a != c
+    # seed None draws from the global RNG, so it is reproducible through torch.manual_seed
+    torch.manual_seed(3)
+    d = generate(model, prompts, **kw)
+    torch.manual_seed(3)
+    assert generate(model, prompts, **kw) == d
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model, prompts, greedy):
+    assert generate(model, prompts, N, temperature=1.5, top_k=1, seed=0) == greedy
+    assert generate(model, prompts, N, temperature=1.5, top_p=1e-6, seed=0) == greedy
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.5)])
+def test_sampling_follows_the_distribution(model, top_k, top_p):
+    # one prompt repeated: first-token frequencies match softmax(logits / T), cut to the top k, or to
+    # the most likely tokens whose mass before them is under top_p, and renormalised
+    prompt = [5, 9, 13]
+    T, rows = 0.7, 4000
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt]))[0, -1] / T, -1)
+    p, order = probs.sort(descending=True)
+    keep = torch.arange(len(p)) < top_k if top_k else p.cumsum(0) - p < top_p
+    expected = torch.zeros_like(probs).scatter_(0, order, p * keep)
+    expected /= expected.sum()
+    assert 2 <= keep.sum() <= 20  # a cut that leaves a real choice
+    out = generate(model, [prompt] * rows, 1, temperature=T, top_k=top_k, top_p=top_p, seed=0)
+    freq = torch.bincount(torch.tensor([r[0] for r in out]), minlength=ARGS.vocab_size).float() / rows
+    assert (freq[expected == 0] == 0).all()
+    assert (freq - expected).abs().max() < 0.03  # about 4 standard errors at p = 0.5
+
+
+def test_eos_stops_one_row_only(model, prompts, greedy):
+    # eos: a token that row 0's greedy continuation emits and the other rows' never do
+    others = set(greedy[1]) | set(greedy[2])
+    i = next(i for i, t in enumerate(greedy[0]) if t not in others and t not in greedy[0][:i])
+    eos = greedy[0][i]
+    out = generate(model, prompts, N, temperature=0, eos_id=eos)
+    assert out[0] == greedy[0][:i + 1]
+    assert out[1:] == greedy[1:]
+
+
+def test_stops_early_when_every_row_is_done(model, prompts, greedy):
+    # both rows emit eos first: the loop must notice (within its check interval) and stop stepping
+    eos = greedy[0][0]
+    steps = []
+    hook = model.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        out = generate(model, [prompts[0]] * 2, 60, temperature=0, eos_id=eos)
+    finally:
+        hook.remove()
+    assert out == [[eos], [eos]]
+    assert len(steps) < 20  # 1 prefill + the steps up to the next check, not 60
+
+
+def test_bad_prompts_are_rejected(model):
+    with pytest.raises(ValueError, match=r"prompt 1 has 90 tokens; .*max_new_tokens=10.*100 > .*96"):
+        generate(model, [[1, 2], [1] * 90], max_new_tokens=10)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate(model, [[]], max_new_tokens=4)
+    assert len(generate(model, [[1, 2, 3]], max_new_tokens=93, temperature=0)[0]) == 93  # exactly fits
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1, 2]], max_new_tokens=4, top_p=0.0)
+
+
+def test_bf16_model_runs_and_training_mode_is_restored(prompts):
+    model = random_model().to(torch.bfloat16).train()
+    out = generate(model, prompts, 8, temperature=0.8, top_p=0.9, seed=0)
+    assert model.training
+    assert [len(r) for r in out] == [8, 8, 8]
+    assert all(0 <= t < ARGS.vocab_size for r in out for t in r)
