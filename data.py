@@ -57,7 +57,7 @@ class Tokenizer:
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(f"{model_file}: the tokenizer needs a BOS and an EOS piece")
         # Mistral's model has no pad piece. Padding sits after the real tokens (right padding under a
-        # causal mask) and is masked out of every loss, so its id never matters: we use EOS, as zephyr does.
+        # causal mask) and is masked out of every loss, so any id would do: we use EOS.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.vocab_size = self.sp.vocab_size()
 
@@ -158,7 +158,7 @@ ROLES = ("system", "user", "assistant")
 def _check_messages(messages, last_role):
     """The first (field, problem) in a messages list, or None. last_role: the role the list must end with."""
     if messages is None:
-        return "messages", "missing"
+        return "messages", "missing or null"
     if not isinstance(messages, list) or not messages:
         return "messages", "must be a non-empty list of turns"
     # zephyr's and UltraChat's order: an optional system turn, then user and assistant alternating
@@ -169,13 +169,13 @@ def _check_messages(messages, last_role):
             return field, f"must be an object with role and content, got {type(m).__name__}"
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            return f"{field}.role", "missing" if role is None else f"unknown role {role!r} (expected one of {ROLES})"
+            return f"{field}.role", "missing or null" if role is None else f"unknown role {role!r} (expected one of {ROLES})"
         expected = "system" if i < offset else ("user", "assistant")[(i - offset) % 2]
         if role != expected:
             return f"{field}.role", (f"got {role!r} where {expected!r} belongs (an optional system turn, "
                                      "then user and assistant alternating, starting with user)")
         if content is None:
-            return f"{field}.content", "missing"
+            return f"{field}.content", "missing or null"
         if not isinstance(content, str):
             return f"{field}.content", f"must be a string, got {type(content).__name__}"
         if not content.strip():
@@ -320,14 +320,14 @@ def batches(n, batch_size, seed, epoch=0, rank=0, world_size=1):
     return [order[i + rank * local:i + (rank + 1) * local].tolist() for i in range(0, n - batch_size + 1, batch_size)]
 
 # -----------------------------------------------------------------------------
-# the demo task: arithmetic and letter puzzles with exactly checkable answers, made at run time.
-# Reversing and sorting a few letters is within reach of a tiny model; adding and subtracting
-# numbers of up to three digits (carries, most significant digit first) mostly is not, so a tiny
-# Mistral trained for minutes on a CPU ends up in between, with room for self-play to help.
+# the demo task: problems with exactly checkable answers, made at run time: add two numbers below
+# 100, reverse 3 to 8 letters, or sort them. With train.py's demo preset (a dim-128, 4-layer
+# Mistral, SFT for 375 steps: minutes on 2 CPU cores) greedy exact match on the test split
+# ends near 57%: about 90% on reversing, 80% on sorting and 5% on addition, where the carry must be
+# known before the first digit is written. So self-play has room to help on every kind.
 
 _PHRASINGS = {
     "add": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}.", "Please calculate {a} plus {b}."],
-    "sub": ["What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}.", "Take {b} away from {a}."],
     "reverse": ["Reverse the letters: {s}", "Write these letters in reverse order: {s}", "Reverse this sequence: {s}"],
     "sort": ["Sort the letters alphabetically: {s}", "Put these letters in alphabetical order: {s}", "Sort: {s}"],
 }
@@ -337,21 +337,18 @@ def _demo_problem(rng):
     """(key, chat) for one random problem. The key names the problem without its phrasing, so no
     problem is shared between splits, not even asked in other words."""
     kind = rng.choice(sorted(_PHRASINGS))
-    if kind in ("add", "sub"):
-        a, b = rng.randint(1, 999), rng.randint(1, 999)
-        if kind == "sub" and a < b:
-            a, b = b, a  # answers stay non-negative
-        key, fields = (kind, a, b), {"a": a, "b": b}
-        answer = f"{a} + {b} = {a + b}" if kind == "add" else f"{a} - {b} = {a - b}"
+    if kind == "add":  # 9801 problems: past a few thousand, repeats are redrawn and letters take over
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        key, fields, answer = (kind, a, b), {"a": a, "b": b}, f"{a} + {b} = {a + b}"
     else:
-        letters = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7))]
+        letters = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))]
         key, fields = (kind, *letters), {"s": " ".join(letters)}
         answer = " ".join(letters[::-1] if kind == "reverse" else sorted(letters))
     question = rng.choice(_PHRASINGS[kind]).format(**fields)
     return key, {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-def demo_splits(seed=0, n_train=4000, n_selfplay=1000, n_test=200):
+def demo_splits(seed=0, n_train=6000, n_selfplay=1500, n_test=300):
     """{"train", "selfplay", "test"}: lists of single-turn chats with disjoint problems, fixed by seed.
     The test split is drawn first, so it does not change when the other two grow."""
     rng, seen, splits = random.Random(seed), set(), {}
@@ -371,19 +368,22 @@ def exact_match(prediction, reference):
     return " ".join(prediction.split()) == " ".join(reference.split())
 
 
-def demo_tokenizer(chats, out_dir, vocab_size=512):
+def demo_tokenizer(chats, out_dir, vocab_size=320):
     """Train a small BPE sentencepiece model on the chats' text, write out_dir/tokenizer.model, load it.
 
-    Built like Mistral's (BPE, digits split, byte fallback, dummy prefix, <unk>=0, <s>=1, </s>=2 as
-    control symbols, no pad), so the demo runs the same code paths as the real thing. The template's
-    tags and "\\n" are user-defined symbols, kept whole and never merged with neighbours, so a response
-    is split the same way whether or not its prompt is encoded with it. Single-threaded on an ordered
-    input, training is deterministic: the same chats give the same file (in well under a second)."""
+    Built like Mistral's (BPE, digits split, dummy prefix, <unk>=0, <s>=1, </s>=2 as control symbols,
+    no pad), so the demo runs the same code paths as the real thing, but without byte fallback: its
+    256 byte pieces would crowd the merges out of a vocabulary this small, and the demo text needs
+    none (other characters become <unk>). The demo text supports about 300 pieces; vocab_size caps
+    them. The template's tags and "\\n" are user-defined symbols, kept whole and never merged with
+    neighbours, so a response is split the same way whether or not its prompt is encoded with it.
+    Single-threaded on an ordered input, training is deterministic: the same chats give the same
+    file, in well under a second."""
     texts = [render_chat(chat["messages"]).replace(EOS, "") for chat in chats]  # EOS is a control symbol, not text
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=False, split_digits=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
         user_defined_symbols=["<|system|>", "<|user|>", "<|assistant|>", "\n"],
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
@@ -456,7 +456,7 @@ def main(argv=None):
         return 0
     try:
         check(args.file, args.tokenizer, args.max_prompt, args.max_length)
-    except ValueError as e:  # a bad line: say where, exit 1
+    except (ValueError, OSError) as e:  # a bad line (named path:line) or a missing file: exit 1
         print(e, file=sys.stderr)
         return 1
     return 0
