@@ -55,7 +55,7 @@ DEMO = dict(
                       sliding_window=48, max_seq_len=128),
     n_train=6000, n_selfplay=1500, n_test=300, vocab_size=320,
     sft_epochs=4, sft_lr=2e-3, sft_batch_size=64,
-    iterations=3, epochs=1, lr=2e-4, batch_size=32, micro_batch_size=32, samples_per_prompt=1,
+    iterations=3, epochs=1, lr=5e-5, batch_size=32, micro_batch_size=32, samples_per_prompt=1,
     optimizer="adamw", warmup=0.1, decay="linear", max_prompt=48, max_length=80, max_new_tokens=24,
     temperature=1.0, top_p=1.0, gen_batch=256, ckpt_every=50, log_every=10, bf16=False,
 )
