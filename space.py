@@ -1,0 +1,302 @@
+"""Self-play fine-tuning losses in plain PyTorch: SPACE, SPIN (and its self-play IPO / SimPO
+baselines), plus the SFT losses cross-entropy and GEM. This file needs only torch: copy it.
+
+Notation (the papers'). x is a prompt, y its real (human) response, y'_1 .. y'_K responses
+sampled from the opponent p_θt, the model frozen at the start of self-play iteration t.
+
+    s_θ(y|x) = Σ_{t ∈ response} log p_θ(y_t | x, y_<t)      a sum over response tokens only
+    r(y)     = s_θ(y|x) − s_θt(y|x)                        the implicit reward, a log-ratio
+
+SPIN (Chen et al., ICML 2024, Eq. 4.7 with the logistic loss) trains on the *gap* of two rewards:
+
+    L_SPIN  = −log σ(β [r(y) − r(y')])            hinge variant: max(0, 1 − β [r(y) − r(y')])
+
+SPACE (Wang et al., NeurIPS 2025) treats y' as noise in noise contrastive estimation, with μ
+noise samples per real one and σ_μ(u) = 1 / (1 + μ e^{−u}) = σ(u − log μ):
+
+    L_SPACE = −log σ_μ(β r(y)) − (μ/K) Σ_k log(1 − σ_μ(β r(y'_k)))
+            = −log σ(β r(y) − log μ) − (μ/K) Σ_k log σ(log μ − β r(y'_k))
+
+With K = μ = β = 1 it is −log σ(r(y)) − log σ(−r(y')): the real reward is pushed up and the
+generated one down, each on its own (absolute values). SPIN only sees r(y) − r(y'), whose
+objective goes flat once y' ≈ y; that instability is what SPACE fixes.
+
+The SPACE paper's other self-play baselines, with s̄ = s / |y| the per-token mean log-prob:
+
+    S-IPO   (Azar et al., 2024):  (Δ − 1/(2β))²,  Δ = [s̄_θ(y) − s̄_θt(y)] − [s̄_θ(y') − s̄_θt(y')]
+    S-SimPO (Meng et al., 2024):  −log σ(β s̄_θ(y) − β s̄_θ(y') − γ)      (no reference model)
+
+For SFT, per response token with logits z = W h and target token y_t:
+
+    cross-entropy:  lse(z) − z_{y_t}                         ∂/∂z = softmax(z) − onehot(y_t)
+    GEM (Li et al., ICLR 2025, linear h):
+                    Σ_a q_a z_a − z_{y_t},  q = stopgrad(softmax(z / β))
+                                                             ∂/∂z = q − onehot(y_t)
+
+GEM's gradient is cross-entropy's with the model distribution sharpened (β < 1), so tokens the
+model already rates highly are not pushed further: it keeps generations diverse. β = 1 is CE.
+
+All of these need s, i.e. log-softmax over the vocabulary at every response token. The naive
+path builds the [B·T, V] logits (4 GB in fp32 for 8 x 4096 tokens and V = 32000) and keeps
+them for backward. `sequence_logprobs` never does: it walks chunks of tokens, keeps one fp32
+log-sum-exp per token, and recomputes each chunk's logits in backward.
+
+Usage (hidden is the final-norm output, hidden[b, t] predicts targets[b, t] = tokens[b, t+1]):
+
+    s = sequence_logprobs(hidden, model.output.weight, targets, loss_mask)     # [B]
+    loss = space_loss(s[:B], s[B:].view(B, K), ref_real, ref_generated)        # scalar
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Log-probs through the LM head, in tiles so the [N, V] logits never exist at once
+
+VOCAB_BLOCK = 1024   # vocabulary entries per tile: a chunk_size x VOCAB_BLOCK fp32 tile stays in cache
+
+
+def _tiles(hidden, weight, b_idx, t_idx, chunk_size):
+    """Yield (s, e, v0, h_c, z): the fp32 logits z [n, Vb] of scored tokens s:e over vocab v0:v0+Vb.
+
+    Vocabulary blocks are the outer loop, so every weight-gradient block is finished before the
+    next begins (no [V, d] fp32 accumulator) and only the tile's inputs are gathered: prompt
+    tokens never cost matmul work. z lives in one reused buffer, which callers may overwrite.
+    The matmul runs in the input dtype (bf16 tensor cores on GPU); softmax statistics need
+    fp32, so bf16 logits are copied up into the fp32 buffer.
+    """
+    N, V = b_idx.shape[0], weight.shape[0]
+    c, vb = max(1, min(chunk_size, N)), min(VOCAB_BLOCK, V)
+    z32 = torch.empty(c, vb, dtype=torch.float32, device=hidden.device)                 # [c, Vb]
+    low = None if hidden.dtype == torch.float32 else torch.empty(c, vb, dtype=hidden.dtype, device=hidden.device)
+    for v0 in range(0, V, vb):
+        w_v = weight[v0:v0 + vb]                                                         # [Vb, d]
+        for s in range(0, N, c):
+            h_c = hidden[b_idx[s:s + c], t_idx[s:s + c]]                                 # [n, d]
+            n, nv = h_c.shape[0], w_v.shape[0]
+            z = z32[:n, :nv]
+            if low is None:
+                torch.mm(h_c, w_v.t(), out=z)
+            else:
+                z.copy_(torch.mm(h_c, w_v.t(), out=low[:n, :nv]))
+            yield s, s + n, v0, h_c, z
+
+
+def _in_block(y, v0, nv):
+    """Targets as column indices into the vocab block v0:v0+nv ([n, 1], clamped) and whether
+    each falls inside it ([n, 1] bool): every target lies in exactly one block."""
+    col = y[:, None] - v0
+    inside = (col >= 0) & (col < nv)
+    return col.clamp(0, nv - 1), inside
+
+
+def _logsumexp_(z):
+    """logsumexp of each row of z [n, Vb] -> [n]; overwrites z, to avoid an [n, Vb] temporary."""
+    m = z.amax(dim=1, keepdim=True)                          # [n, 1]; subtract so exp can't overflow
+    return (m + z.sub_(m).exp_().sum(dim=1, keepdim=True).log()).squeeze(1)
+
+
+class _TokenValues(torch.autograd.Function):
+    """Per-token value of a softmax loss on the logits z = W h, computed tile by tile.
+
+    kind "logprob":  value = z_y − lse(z)                  ∂value/∂z = −(softmax(z) − onehot(y))
+    kind "gem":      value = Σ_a q_a z_a − z_y, q = softmax(z/β) held constant
+                                                           ∂value/∂z = +(softmax(z/β) − onehot(y))
+    Both gradients are ±(softmax(z/τ) − onehot) with τ = 1 or β, so one backward serves both
+    and needs just lse(z/τ) per token from forward. The upstream gradient (dL/ds, a different
+    number for every sequence) arrives only in backward, so tiles are recomputed there.
+    Returns [B, T] fp32, zero at unscored positions.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, mask, kind, beta, chunk_size):
+        # hidden [B, T, d], weight [V, d], targets [B, T] long, mask [B, T] bool
+        if hidden.dtype != weight.dtype:
+            raise TypeError(f"hidden is {hidden.dtype} but the LM head weight is {weight.dtype}")
+        tau = beta if kind == "gem" else 1.0
+        b_idx, t_idx = mask.nonzero(as_tuple=True)                                       # [N], [N]
+        y = targets[b_idx, t_idx]                                                        # [N]
+        N = y.shape[0]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        z_y = torch.zeros(N, **f32)                                                      # target logit
+        lse = torch.full((N,), -float("inf"), **f32)                                     # lse(z/τ)
+        e_z = torch.zeros(N, **f32)                                                      # GEM: Σ_a q_a z_a
+        for s, e, v0, _, z in _tiles(hidden, weight, b_idx, t_idx, chunk_size):
+            col, inside = _in_block(y[s:e], v0, z.shape[1])
+            z_y[s:e] += torch.where(inside, z.gather(1, col), 0.0).squeeze(1)
+            if kind == "logprob":
+                lse[s:e] = torch.logaddexp(lse[s:e], _logsumexp_(z))
+            else:
+                # Merge this block's softmax into the running one: each block's expectation
+                # of z is weighted by its share of the total mass exp(lse_block − lse).
+                u = z / tau                                                              # [n, Vb]
+                lse_blk = _logsumexp_(u)                                                 # u <- exp(z/τ − max)
+                e_blk = (u * z).sum(dim=1) / u.sum(dim=1)                                # [n]
+                lse_new = torch.logaddexp(lse[s:e], lse_blk)
+                e_z[s:e] = e_z[s:e] * (lse[s:e] - lse_new).exp() + e_blk * (lse_blk - lse_new).exp()
+                lse[s:e] = lse_new
+        value = z_y - lse if kind == "logprob" else e_z - z_y                            # [N]
+        ctx.save_for_backward(hidden, weight, b_idx, t_idx, y, lse)
+        ctx.tau, ctx.sign, ctx.chunk_size = tau, (-1.0 if kind == "logprob" else 1.0), chunk_size
+        out = torch.zeros(mask.shape, **f32)                                             # [B, T]
+        out[b_idx, t_idx] = value
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, b_idx, t_idx, y, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        B, T, d = hidden.shape
+        coef = ctx.sign * grad_out[b_idx, t_idx].float()                                # [N]
+        # Accumulated over vocab blocks, so fp32 (it *is* the result when hidden is fp32).
+        grad_h = torch.zeros(B * T, d, dtype=torch.float32, device=hidden.device) if need_h else None
+        flat = b_idx * T + t_idx                                                         # [N] rows of grad_h
+        grad_w = torch.zeros_like(weight) if need_w else None                            # [V, d]
+        c, vb = max(1, min(ctx.chunk_size, b_idx.shape[0])), min(VOCAB_BLOCK, weight.shape[0])
+        dz_low = None if hidden.dtype == torch.float32 else torch.empty(c, vb, dtype=hidden.dtype, device=hidden.device)
+        for s, e, v0, h_c, z in _tiles(hidden, weight, b_idx, t_idx, ctx.chunk_size):
+            nv = z.shape[1]
+            # ∂value/∂z · upstream = coef · (softmax(z/τ) − onehot(y)), built in the tile buffer.
+            if ctx.tau != 1.0:
+                z.div_(ctx.tau)
+            z.sub_(lse[s:e, None]).exp_()
+            col, inside = _in_block(y[s:e], v0, nv)
+            z.scatter_add_(1, col, torch.where(inside, -1.0, 0.0))
+            if dz_low is None:
+                dz = z.mul_(coef[s:e, None])                                             # [n, Vb]
+            else:  # scale and round to bf16 in one pass, for the bf16 matmuls below
+                dz = torch.mul(z, coef[s:e, None], out=dz_low[:z.shape[0], :nv])
+            if need_h:
+                grad_h.index_add_(0, flat[s:e], (dz @ weight[v0:v0 + nv]).float())
+            if need_w:
+                # The block's rows sum over all token chunks: in fp32, straight into the result
+                # when that is fp32, else in a block accumulator cast once the block is done.
+                if s == 0:
+                    acc = grad_w[v0:v0 + nv] if grad_w.dtype == torch.float32 else torch.zeros(
+                        nv, d, dtype=torch.float32, device=weight.device)                # [Vb, d]
+                if dz.dtype == torch.float32:
+                    acc.addmm_(dz.t(), h_c)
+                else:
+                    acc.add_(dz.t() @ h_c)
+                if e == b_idx.shape[0] and grad_w.dtype != torch.float32:
+                    grad_w[v0:v0 + nv] = acc
+        if need_h:
+            grad_h = grad_h.view(B, T, d).to(hidden.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def sequence_logprobs(hidden, weight, targets, mask, chunk_size=1024):
+    """s(y) = Σ_t mask[b, t] · log softmax(W hidden[b, t])[targets[b, t]], per row. [B] fp32.
+
+    hidden [B, T, d] (fp32 or bf16), weight [V, d] the LM head, targets [B, T] long, mask [B, T]
+    bool or 0/1 (1 on response tokens). A fully masked row gives 0 and no gradient. Memory is
+    O(chunk_size · VOCAB_BLOCK) instead of O(B · T · V); matmuls run in the input dtype, the
+    softmax in fp32.
+    """
+    values = _TokenValues.apply(hidden, weight, targets, mask.bool(), "logprob", 1.0, chunk_size)
+    return values.sum(dim=1)
+
+
+# -----------------------------------------------------------------------------
+# SFT losses, normalised per token
+
+
+def sft_loss(hidden, weight, targets, mask, num_tokens=None, chunk_size=1024):
+    """Cross-entropy: −Σ_t log p(y_t | ·) over response tokens, / num_tokens.
+
+    num_tokens defaults to this batch's count; with gradient accumulation or data parallelism
+    pass the global count over micro-batches and ranks, so every token weighs the same.
+    """
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    return -sequence_logprobs(hidden, weight, targets, mask, chunk_size).sum() / num_tokens
+
+
+def gem_loss(hidden, weight, targets, mask, beta=0.7, num_tokens=None, chunk_size=1024):
+    """GEM with linear h (Li et al., ICLR 2025): Σ_t [Σ_a q_a z_a − z_{y_t}] / num_tokens.
+
+    q = stopgrad(softmax(z / β)), so ∂/∂z = q − onehot(y_t): the CE gradient with the model's
+    own distribution sharpened by β < 1. Same chunked path as `sequence_logprobs`.
+    """
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    per_token = _TokenValues.apply(hidden, weight, targets, mask.bool(), "gem", beta, chunk_size)
+    return per_token.sum() / num_tokens
+
+
+# -----------------------------------------------------------------------------
+# Self-play losses. Inputs are sequence log-probs s (from `sequence_logprobs`): the policy's
+# for y [B] and y' [B] or [B, K], and the opponent's, scored once with θ_t frozen.
+# Each returns the batch mean; the trainer rescales for micro-batches and ranks.
+
+
+def _per_pair(generated):
+    """[B] (K = 1) or [B, K] -> [B, K]."""
+    return generated if generated.dim() == 2 else generated[:, None]
+
+
+def spin_loss(policy_real, policy_gen, ref_real, ref_gen, beta=0.1, kind="sigmoid"):
+    """SPIN (Chen et al., ICML 2024, Eq. 4.7): ℓ(β [r(y) − r(y')]), mean over the K pairs.
+
+    kind "sigmoid": ℓ(u) = −log σ(u), the paper's logistic loss; "hinge": max(0, 1 − u).
+    """
+    r_real = (policy_real - ref_real)[:, None]                                     # [B, 1]
+    r_gen = _per_pair(policy_gen - ref_gen)                                        # [B, K]
+    u = beta * (r_real - r_gen)                                                    # [B, K]
+    if kind == "sigmoid":
+        return -F.logsigmoid(u).mean()
+    if kind == "hinge":
+        return torch.relu(1 - u).mean()
+    raise ValueError(f"spin_loss: kind must be 'sigmoid' or 'hinge', got {kind!r}")
+
+
+def space_loss(policy_real, policy_gen, ref_real, ref_gen, mu=None, beta=1.0):
+    """SPACE (Wang et al., NeurIPS 2025), noise contrastive estimation with μ noise per real:
+
+        −log σ(β r(y) − log μ) − (μ/K) Σ_k log σ(log μ − β r(y'_k)),    μ = K when mu is None.
+
+    The real and generated terms are separate functions of their own rewards: the pushes are
+    absolute, not on the gap. F.logsigmoid keeps large |r| finite.
+    """
+    r_real = policy_real - ref_real                                                # [B]
+    r_gen = _per_pair(policy_gen - ref_gen)                                        # [B, K]
+    K = r_gen.shape[1]
+    mu = K if mu is None else mu
+    log_mu = math.log(mu)
+    real_term = -F.logsigmoid(beta * r_real - log_mu)                              # [B]
+    gen_term = -(mu / K) * F.logsigmoid(log_mu - beta * r_gen).sum(dim=1)          # [B]
+    return (real_term + gen_term).mean()
+
+
+def ipo_loss(policy_real, policy_gen, ref_real, ref_gen, len_real, len_gen, beta=0.1):
+    """Self-play IPO (Azar et al., 2024, the IPO objective with y' as the rejected response):
+    (Δ − 1/(2β))², Δ = per-token-mean log-ratio of y minus that of y'. Mean over pairs and batch."""
+    ratio_real = ((policy_real - ref_real) / len_real)[:, None]                    # [B, 1]
+    ratio_gen = _per_pair((policy_gen - ref_gen) / len_gen)                        # [B, K]
+    return ((ratio_real - ratio_gen) - 1 / (2 * beta)).pow(2).mean()
+
+
+def simpo_loss(policy_real, policy_gen, len_real, len_gen, beta=2.0, gamma=0.5):
+    """Self-play SimPO (Meng et al., 2024): −log σ(β s̄(y) − β s̄(y') − γ), s̄ = s / |y|.
+
+    No reference model: the per-token mean log-prob is the reward, γ a target margin.
+    """
+    mean_real = (policy_real / len_real)[:, None]                                  # [B, 1]
+    mean_gen = _per_pair(policy_gen / len_gen)                                     # [B, K]
+    return -F.logsigmoid(beta * (mean_real - mean_gen) - gamma).mean()
+
+
+@torch.no_grad()
+def reward_metrics(policy_real, policy_gen, ref_real, ref_gen):
+    """Logged numbers: mean rewards r(y), r(y'), their margin, and the fraction of prompts whose
+    real response out-scores every generated one (1.0 means the player tells them apart)."""
+    r_real = (policy_real - ref_real).float()                                      # [B]
+    r_gen = _per_pair(policy_gen - ref_gen).float()                                # [B, K]
+    return {
+        "rewards/real": r_real.mean().item(),
+        "rewards/generated": r_gen.mean().item(),
+        "rewards/margin": (r_real[:, None] - r_gen).mean().item(),
+        "accuracy": (r_real[:, None] > r_gen).all(dim=1).float().mean().item(),
+    }

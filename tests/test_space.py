@@ -1,0 +1,253 @@
+"""space.py against independent references: a float64 recomputation of the naive path for the
+chunked log-probs and GEM, and numbers worked out by hand (math.log / math.exp) for each loss."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import space  # noqa: E402
+
+
+def sig(u):
+    return 1 / (1 + math.exp(-u))
+
+
+def rel_err(a, b):
+    """Norm-wise relative error of a against the reference b (both cast to float64)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def make_batch(dtype, B=5, T=23, d=16, V=300, seed=0):
+    """Random LM-head inputs with a realistic mask: a prompt part (0) then a response (1) of
+    different lengths per row, trailing padding (0), and one row fully masked."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, d, generator=g).to(dtype)
+    weight = (torch.randn(V, d, generator=g) * 0.5).to(dtype)
+    targets = torch.randint(V, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B - 1):
+        prompt = int(torch.randint(1, T // 2, (1,), generator=g))
+        length = int(torch.randint(1, T - prompt + 1, (1,), generator=g))
+        mask[b, prompt:prompt + length] = True
+    # row B-1 stays fully masked
+    upstream = torch.randn(B, generator=g)   # dL/ds per row: random, never all ones
+    return hidden, weight, targets, mask, upstream
+
+
+def naive_logprobs(hidden, weight, targets, mask):
+    logp = torch.log_softmax((hidden @ weight.t()).float() if hidden.dtype != torch.float64
+                             else hidden @ weight.t(), dim=-1)                     # [B, T, V]
+    return (logp.gather(-1, targets[..., None]).squeeze(-1) * mask).sum(-1)        # [B]
+
+
+def value_and_grads(fn, hidden, weight, upstream, *args, **kwargs):
+    hidden = hidden.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    out = fn(hidden, weight, *args, **kwargs)
+    (out * upstream.to(out.dtype)).sum().backward()
+    return out.detach(), hidden.grad, weight.grad
+
+
+# -----------------------------------------------------------------------------
+# sequence_logprobs
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10, 1024])   # N = 30 here: 10 divides it, 7 doesn't
+def test_sequence_logprobs_fp32_matches_float64(chunk_size):
+    hidden, weight, targets, mask, upstream = make_batch(torch.float32)
+    assert mask.sum() == 30 and mask[-1].sum() == 0
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask, chunk_size=chunk_size)
+    assert out[0].dtype == torch.float32 and out[0].shape == (5,)
+    for got, want in zip(out, ref):
+        assert rel_err(got, want) < 1e-5
+    # the fully masked row: s = 0 and no gradient reaches it; nor any prompt position
+    assert out[0][-1] == 0
+    assert (out[1][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1024])
+def test_sequence_logprobs_bf16_no_worse_than_naive_bf16(chunk_size):
+    hidden, weight, targets, mask, upstream = make_batch(torch.bfloat16, T=64, d=64, V=2000)
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    naive = value_and_grads(naive_logprobs, hidden, weight, upstream, targets, mask)
+    out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask, chunk_size=chunk_size)
+    assert out[0].dtype == torch.float32
+    assert out[1].dtype == out[2].dtype == torch.bfloat16
+    for got, base, want in zip(out, naive, ref):
+        assert rel_err(got, want) <= rel_err(base, want) + 1e-2
+
+
+def test_sequence_logprobs_frozen_weight_and_constant_hidden():
+    hidden, weight, targets, mask, upstream = make_batch(torch.float32)
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    # frozen LM head: only hidden gets a gradient
+    h = hidden.clone().requires_grad_()
+    (space.sequence_logprobs(h, weight, targets, mask, chunk_size=7) * upstream).sum().backward()
+    assert rel_err(h.grad, ref[1]) < 1e-5
+    # hidden as a constant (e.g. a detached trunk): only the weight gets a gradient
+    w = weight.clone().requires_grad_()
+    (space.sequence_logprobs(hidden, w, targets, mask, chunk_size=7) * upstream).sum().backward()
+    assert rel_err(w.grad, ref[2]) < 1e-5
+    # neither: plain inference, as when scoring with the frozen opponent
+    with torch.no_grad():
+        assert rel_err(space.sequence_logprobs(hidden, weight, targets, mask), ref[0]) < 1e-5
+
+
+def test_sequence_logprobs_accepts_int_mask_and_all_masked_batch():
+    hidden, weight, targets, mask, upstream = make_batch(torch.float32)
+    a = space.sequence_logprobs(hidden, weight, targets, mask)
+    b = space.sequence_logprobs(hidden, weight, targets, mask.long())
+    assert torch.equal(a, b)
+    h = hidden.clone().requires_grad_()
+    out = space.sequence_logprobs(h, weight, targets, torch.zeros_like(mask))
+    out.sum().backward()
+    assert (out == 0).all() and (h.grad == 0).all()
+
+
+# -----------------------------------------------------------------------------
+# SFT and GEM
+
+
+def naive_gem(hidden, weight, targets, mask, beta):
+    z = hidden @ weight.t()                                                        # [B, T, V]
+    q = torch.softmax(z / beta, dim=-1).detach()
+    per_token = (q * z).sum(-1) - z.gather(-1, targets[..., None]).squeeze(-1)     # [B, T]
+    return (per_token * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("beta", [0.7, 0.3])
+def test_gem_loss_matches_float64(beta):
+    hidden, weight, targets, mask, _ = make_batch(torch.float32)
+    one = torch.ones(())
+    ref = value_and_grads(naive_gem, hidden.double(), weight.double(), one.double(), targets, mask, beta)
+    out = value_and_grads(space.gem_loss, hidden, weight, one, targets, mask, beta=beta, chunk_size=7)
+    for got, want in zip(out, ref):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_gem_with_beta_one_has_the_cross_entropy_gradient():
+    hidden, weight, targets, mask, _ = make_batch(torch.float32)
+    one = torch.ones(())
+    gem = value_and_grads(space.gem_loss, hidden, weight, one, targets, mask, beta=1.0, chunk_size=7)
+    sft = value_and_grads(space.sft_loss, hidden, weight, one, targets, mask, chunk_size=7)
+    assert rel_err(gem[1], sft[1]) < 1e-5 and rel_err(gem[2], sft[2]) < 1e-5
+    # but it is a different number: Σ q z − z_y, not lse(z) − z_y
+    assert not torch.allclose(gem[0], sft[0])
+
+
+def test_sft_loss_is_mean_nll_and_honours_num_tokens():
+    hidden, weight, targets, mask, _ = make_batch(torch.float32)
+    logp = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    nll = -(logp * mask).sum()
+    assert rel_err(space.sft_loss(hidden, weight, targets, mask), nll / mask.sum()) < 1e-6
+    assert rel_err(space.sft_loss(hidden, weight, targets, mask, num_tokens=1000), nll / 1000) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# Self-play losses on hand-checkable numbers
+
+
+def t(*xs):
+    """t(1.0, 2.0) -> [2]; t([[1.0, 2.0]]) -> [1, 2] (one prompt, K = 2)."""
+    data = xs[0] if len(xs) == 1 and isinstance(xs[0], list) else xs
+    return torch.tensor(data, dtype=torch.float64)
+
+
+def test_spin_sigmoid_and_hinge_by_hand():
+    # r(y) = 5 − 2 = 3, r(y') = 1 − 3 = −2: gap 5, β = 0.1 -> u = 0.5
+    args = t(5.0), t(1.0), t(2.0), t(3.0)
+    assert space.spin_loss(*args).item() == pytest.approx(-math.log(sig(0.5)))
+    assert space.spin_loss(*args, kind="hinge").item() == pytest.approx(0.5)
+    assert space.spin_loss(*args, beta=1.0, kind="hinge").item() == 0.0   # margin beyond 1: no loss
+    with pytest.raises(ValueError):
+        space.spin_loss(*args, kind="ipo")
+
+
+def test_spin_with_k_generated_averages_the_pairs():
+    # one prompt, r(y) = 1, r(y'_k) = 0 and 2: pairs with gaps 1 and −1
+    loss = space.spin_loss(t(1.0), t([[0.0, 2.0]]), t(0.0), t([[0.0, 0.0]]), beta=1.0)
+    assert loss.item() == pytest.approx((-math.log(sig(1)) - math.log(sig(-1))) / 2)
+
+
+def test_space_with_k_mu_beta_one_is_two_independent_logistic_terms():
+    pr, pg, rr, rg = t(0.5, -1.0), t(-0.3, 2.0), t(0.1, 0.0), t(0.2, 1.0)   # r = [0.4, −1], r' = [−0.5, 1]
+    want = [-math.log(sig(0.4)) - math.log(sig(0.5)), -math.log(sig(-1.0)) - math.log(sig(-1.0))]
+    assert space.space_loss(pr, pg, rr, rg).item() == pytest.approx(sum(want) / 2)
+    assert space.space_loss(pr, pg[:, None], rr, rg[:, None], mu=1).item() == pytest.approx(sum(want) / 2)
+
+
+def test_space_k2_with_default_mu_and_mu_not_k():
+    # r(y) = 1, r(y') = [0.5, −1], β = 0.5
+    pr, pg, rr, rg = t(1.0), t([[0.5, -1.0]]), t(0.0), t([[0.0, 0.0]])
+    for mu in (2.0, 1.0, 3.0):
+        want = -math.log(sig(0.5 - math.log(mu))) - (mu / 2) * (
+            math.log(sig(math.log(mu) - 0.25)) + math.log(sig(math.log(mu) + 0.5)))
+        got = space.space_loss(pr, pg, rr, rg, mu=None if mu == 2.0 else mu, beta=0.5)
+        assert got.item() == pytest.approx(want)
+
+
+def test_space_is_finite_for_huge_rewards():
+    loss = space.space_loss(t(-1e4), t(1e4), t(0.0), t(0.0))
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(2e4)
+
+
+def grads(loss_fn, r_real, r_gen, **kw):
+    """d loss / d policy_real and d policy_gen at rewards r_real, r_gen (reference at 0)."""
+    pr, pg = t(r_real).requires_grad_(), t(r_gen).requires_grad_()
+    loss = loss_fn(pr, pg, t(0.0), t(0.0), **kw)
+    loss.backward()
+    return loss.item(), pr.grad.item(), pg.grad.item()
+
+
+def test_space_pushes_rewards_independently_spin_only_the_gap():
+    _, g_real, g_gen = grads(space.space_loss, 0.3, -0.2)
+    assert g_real < 0 < g_gen            # loss falls as r(y) rises and as r(y') falls
+    # SPACE: the real push is the same whatever the generated reward is: absolute, not relative
+    assert grads(space.space_loss, 0.3, 5.0)[1] == g_real
+    assert grads(space.space_loss, 0.3, -5.0)[1] == g_real
+    assert grads(space.space_loss, 0.3 + 2, -0.2 + 2) != grads(space.space_loss, 0.3, -0.2)
+    # SPIN: shift both rewards by the same constant and nothing changes; only the gap matters
+    base = grads(space.spin_loss, 0.3, -0.2)
+    shifted = grads(space.spin_loss, 0.3 + 2, -0.2 + 2)
+    assert shifted == pytest.approx(base)
+    assert base[1] < 0 < base[2] and base[1] == pytest.approx(-base[2])
+    # and when y' ≈ y (equal rewards) SPIN's gradient no longer depends on where they are
+    assert grads(space.spin_loss, 4.0, 4.0) == pytest.approx(grads(space.spin_loss, -4.0, -4.0))
+
+
+def test_ipo_by_hand():
+    # log-ratios 3 over 3 tokens = 1/token; −2 over 4 tokens = −0.5/token: Δ = 1.5; 1/(2β) = 5
+    loss = space.ipo_loss(t(5.0), t(1.0), t(2.0), t(3.0), t(3.0), t(4.0), beta=0.1)
+    assert loss.item() == pytest.approx((1.5 - 5) ** 2)
+    # K = 2: the mean over the two pairs
+    loss = space.ipo_loss(t(5.0), t([[1.0, 3.0]]), t(2.0), t([[3.0, 3.0]]), t(3.0), t([[4.0, 1.0]]), beta=0.5)
+    assert loss.item() == pytest.approx(((1.5 - 1) ** 2 + (1 - 1) ** 2) / 2)
+
+
+def test_simpo_by_hand():
+    # s̄(y) = −6/3 = −2, s̄(y') = −12/4 = −3: β(−2 + 3) − γ = 2 − 0.5
+    loss = space.simpo_loss(t(-6.0), t(-12.0), t(3.0), t(4.0))
+    assert loss.item() == pytest.approx(-math.log(sig(1.5)))
+    loss = space.simpo_loss(t(-6.0), t([[-12.0, -2.0]]), t(3.0), t([[4.0, 1.0]]), beta=1.0, gamma=0.0)
+    assert loss.item() == pytest.approx((-math.log(sig(1.0)) - math.log(sig(0.0))) / 2)
+
+
+def test_reward_metrics():
+    # rewards: real [2, 0, 1]; generated [[1, 0], [1, −1], [0.5, 1]]
+    r_real, r_gen = t(2.0, 0.0, 1.0), t([1.0, 0.0], [1.0, -1.0], [0.5, 1.0])
+    m = space.reward_metrics(r_real + 1, r_gen + 1, t(1.0, 1.0, 1.0), torch.ones(3, 2, dtype=torch.float64))
+    assert set(m) == {"rewards/real", "rewards/generated", "rewards/margin", "accuracy"}
+    assert m["rewards/real"] == pytest.approx(1.0)
+    assert m["rewards/generated"] == pytest.approx(2.5 / 6)
+    assert m["rewards/margin"] == pytest.approx(1.0 - 2.5 / 6)
+    assert m["accuracy"] == pytest.approx(1 / 3)   # only row 0 beats both; row 2 ties one
+    assert all(isinstance(v, float) for v in m.values())
+    # K = 1 given as [B]
+    assert space.reward_metrics(t(1.0, 0.0), t(0.0, 1.0), t(0.0, 0.0), t(0.0, 0.0))["accuracy"] == 0.5
