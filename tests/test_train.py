@@ -139,3 +139,11 @@ def test_bad_data_file_names_path_and_line(tmp_path):
     bad.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "user", "content": 3}]}) + "\n")
     res = run_train(tmp_path / "out", "--data", str(bad), check=False)
     assert res.returncode != 0 and f"{bad}:2" in res.stderr and "content" in res.stderr
+
+
+def test_bf16_autocast_and_activation_checkpointing_run(tmp_path):
+    """The GPU recipe's switches, on the CPU: bf16 autocast and recomputed block activations."""
+    run_train(tmp_path, "--bf16", "--activation-checkpointing", "--iterations", "1")
+    rows = [r for r in metrics(tmp_path) if r.get("phase") == "sft"]
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert os.path.exists(os.path.join(tmp_path, "iter_1", "model.safetensors"))
