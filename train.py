@@ -520,10 +520,11 @@ def main(argv=None):
     cfg.device = device
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
-    if not cfg.resume and latest_checkpoint(cfg):
+    resuming = latest_checkpoint(cfg) is not None
+    if resuming and not cfg.resume:
         raise SystemExit(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
     run = Run(cfg, rank, world)
-    if rank == 0 and not cfg.resume:
+    if rank == 0 and not resuming:
         open(run.metrics, "w").close()
     tok, tok_file, sft_chats, selfplay_chats, held_out = load_data(cfg, rank)
     cfg.pad_id = tok.pad_id
@@ -537,7 +538,7 @@ def main(argv=None):
         model = Transformer(margs).init_weights(cfg.seed).to(device)
     print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {world} process(es) on {device}")
     model = parallelize(model, cfg, world, device)
-    if cfg.resume and latest_checkpoint(cfg):
+    if resuming:
         resume(cfg, run, model)
 
     if run.phase == "sft":

@@ -92,13 +92,14 @@ def main():
 
     table = tabulate(results, args.iterations)
     cmd = "python bench/study.py" + ("" if args.out == p.get_default("out") else " --out " + args.out)
+    # no timing in the file: the same command must regenerate it byte for byte
     text = (f"Measured by `{cmd}` (seeds {args.seeds}, {args.iterations} iterations, self-play set "
-            f"{args.selfplay_size} prompts; {elapsed / 60:.1f} min on this machine, including runs reused "
-            f"from an earlier call).\n\n{table}\n")
+            f"{args.selfplay_size} prompts).\n\n{table}\n")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     plot(results, args.iterations, os.path.join(args.out, "study.png"))
     print(text)
+    print(f"{elapsed:.0f} s wall ({elapsed / 60:.1f} min), including any runs reused from an earlier call")
     if args.out == p.get_default("out"):
         dest = os.path.join(ROOT, "bench", "results")
         os.makedirs(dest, exist_ok=True)
