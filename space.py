@@ -33,13 +33,14 @@ For SFT, per response token with logits z = W h and target token y_t:
                     Σ_a q_a z_a − z_{y_t},  q = stopgrad(softmax(z / β))
                                                              ∂/∂z = q − onehot(y_t)
 
-GEM's gradient is cross-entropy's with the model distribution sharpened (β < 1), so tokens the
-model already rates highly are not pushed further: it keeps generations diverse. β = 1 is CE.
+GEM's gradient is cross-entropy's with the model's distribution sharpened (β < 1): a target
+that is already the top token stops being pushed sooner, and unlikely alternatives are pushed
+down less, which is how GEM keeps generations diverse. β = 1 gives exactly the CE gradient.
 
 All of these need s, i.e. log-softmax over the vocabulary at every response token. The naive
 path builds the [B·T, V] logits (4 GB in fp32 for 8 x 4096 tokens and V = 32000) and keeps
-them for backward. `sequence_logprobs` never does: it walks chunks of tokens, keeps one fp32
-log-sum-exp per token, and recomputes each chunk's logits in backward.
+them for backward. `sequence_logprobs` never does: it walks tiles of (scored tokens x vocab
+entries), keeps one fp32 log-sum-exp per token, and recomputes each tile's logits in backward.
 
 Usage (hidden is the final-norm output, hidden[b, t] predicts targets[b, t] = tokens[b, t+1]):
 
@@ -53,48 +54,47 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Log-probs through the LM head, in tiles so the [N, V] logits never exist at once
+# Log-probs through the LM head, tile by tile, so the [N, V] logits never exist at once
 
-VOCAB_BLOCK = 1024   # vocabulary entries per tile: a chunk_size x VOCAB_BLOCK fp32 tile stays in cache
+VOCAB_BLOCK = 512   # vocabulary entries per tile; a tile is chunk_size x VOCAB_BLOCK fp32 logits
 
 
 def _tiles(hidden, weight, b_idx, t_idx, chunk_size):
-    """Yield (s, e, v0, h_c, z): the fp32 logits z [n, Vb] of scored tokens s:e over vocab v0:v0+Vb.
+    """Yield (s, e, v0, h_c, z): z [n, nv] fp32 are the logits of scored tokens s:e (n of them)
+    over the vocabulary entries v0:v0+nv, and h_c [n, d] those tokens' hidden states.
 
-    Vocabulary blocks are the outer loop, so every weight-gradient block is finished before the
-    next begins (no [V, d] fp32 accumulator) and only the tile's inputs are gathered: prompt
-    tokens never cost matmul work. z lives in one reused buffer, which callers may overwrite.
-    The matmul runs in the input dtype (bf16 tensor cores on GPU); softmax statistics need
-    fp32, so bf16 logits are copied up into the fp32 buffer.
+    Vocabulary blocks are the outer loop, so each block of the weight gradient is complete
+    before the next begins: no [V, d] fp32 accumulator. Only scored tokens are gathered, so
+    prompt tokens cost no matmul work. Every z is a view of one reused buffer (callers may
+    overwrite it). The matmul runs in the input dtype; softmax statistics need fp32, so bf16
+    logits are copied up into the fp32 buffer.
     """
     N, V = b_idx.shape[0], weight.shape[0]
     c, vb = max(1, min(chunk_size, N)), min(VOCAB_BLOCK, V)
     z32 = torch.empty(c, vb, dtype=torch.float32, device=hidden.device)                 # [c, Vb]
     low = None if hidden.dtype == torch.float32 else torch.empty(c, vb, dtype=hidden.dtype, device=hidden.device)
     for v0 in range(0, V, vb):
-        w_v = weight[v0:v0 + vb]                                                         # [Vb, d]
+        w_v = weight[v0:v0 + vb]                                                         # [nv, d]
         for s in range(0, N, c):
             h_c = hidden[b_idx[s:s + c], t_idx[s:s + c]]                                 # [n, d]
-            n, nv = h_c.shape[0], w_v.shape[0]
-            z = z32[:n, :nv]
+            z = z32[:h_c.shape[0], :w_v.shape[0]]                                        # [n, nv]
             if low is None:
                 torch.mm(h_c, w_v.t(), out=z)
             else:
-                z.copy_(torch.mm(h_c, w_v.t(), out=low[:n, :nv]))
-            yield s, s + n, v0, h_c, z
+                z.copy_(torch.mm(h_c, w_v.t(), out=low[:z.shape[0], :z.shape[1]]))
+            yield s, s + z.shape[0], v0, h_c, z
 
 
 def _in_block(y, v0, nv):
-    """Targets as column indices into the vocab block v0:v0+nv ([n, 1], clamped) and whether
-    each falls inside it ([n, 1] bool): every target lies in exactly one block."""
+    """Each target's column in the vocab block v0:v0+nv ([n, 1], clamped to stay a valid
+    index) and whether it lies in that block at all ([n, 1] bool; true in exactly one block)."""
     col = y[:, None] - v0
-    inside = (col >= 0) & (col < nv)
-    return col.clamp(0, nv - 1), inside
+    return col.clamp(0, nv - 1), (col >= 0) & (col < nv)
 
 
 def _logsumexp_(z):
-    """logsumexp of each row of z [n, Vb] -> [n]; overwrites z, to avoid an [n, Vb] temporary."""
-    m = z.amax(dim=1, keepdim=True)                          # [n, 1]; subtract so exp can't overflow
+    """Row-wise logsumexp of z [n, nv] -> [n]. Overwrites z, to need no [n, nv] temporary."""
+    m = z.amax(dim=1, keepdim=True)                         # [n, 1]; subtracted so exp can't overflow
     return (m + z.sub_(m).exp_().sum(dim=1, keepdim=True).log()).squeeze(1)
 
 
@@ -104,10 +104,12 @@ class _TokenValues(torch.autograd.Function):
     kind "logprob":  value = z_y − lse(z)                  ∂value/∂z = −(softmax(z) − onehot(y))
     kind "gem":      value = Σ_a q_a z_a − z_y, q = softmax(z/β) held constant
                                                            ∂value/∂z = +(softmax(z/β) − onehot(y))
-    Both gradients are ±(softmax(z/τ) − onehot) with τ = 1 or β, so one backward serves both
-    and needs just lse(z/τ) per token from forward. The upstream gradient (dL/ds, a different
-    number for every sequence) arrives only in backward, so tiles are recomputed there.
-    Returns [B, T] fp32, zero at unscored positions.
+
+    Both gradients are ±(softmax(z/τ) − onehot) with τ = 1 or β, so one backward serves both,
+    and all it needs from forward is lse(z/τ) per token. The upstream gradient (dL/ds, a
+    different number for every sequence) arrives only in backward, so the tiles' logits are
+    recomputed there: that costs a fourth matmul over the naive path's three, and saves the
+    [N, V] logits. Returns [B, T] fp32, zero at unscored positions.
     """
 
     @staticmethod
@@ -118,30 +120,28 @@ class _TokenValues(torch.autograd.Function):
         tau = beta if kind == "gem" else 1.0
         b_idx, t_idx = mask.nonzero(as_tuple=True)                                       # [N], [N]
         y = targets[b_idx, t_idx]                                                        # [N]
-        N = y.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
-        z_y = torch.zeros(N, **f32)                                                      # target logit
-        lse = torch.full((N,), -float("inf"), **f32)                                     # lse(z/τ)
-        e_z = torch.zeros(N, **f32)                                                      # GEM: Σ_a q_a z_a
+        z_y = torch.zeros(y.shape, **f32)                                                # [N] target logit
+        lse = torch.full(y.shape, -math.inf, **f32)                                      # [N] lse(z/τ) so far
+        e_z = torch.zeros(y.shape, **f32)                                                # [N] GEM: Σ_a q_a z_a so far
         for s, e, v0, _, z in _tiles(hidden, weight, b_idx, t_idx, chunk_size):
             col, inside = _in_block(y[s:e], v0, z.shape[1])
             z_y[s:e] += torch.where(inside, z.gather(1, col), 0.0).squeeze(1)
             if kind == "logprob":
                 lse[s:e] = torch.logaddexp(lse[s:e], _logsumexp_(z))
             else:
-                # Merge this block's softmax into the running one: each block's expectation
-                # of z is weighted by its share of the total mass exp(lse_block − lse).
-                u = z / tau                                                              # [n, Vb]
+                # Merge this block into the running softmax: the expectation of z under q is
+                # the blocks' own expectations weighted by their share exp(lse_block − lse).
+                u = z / tau                                                              # [n, nv]
                 lse_blk = _logsumexp_(u)                                                 # u <- exp(z/τ − max)
                 e_blk = (u * z).sum(dim=1) / u.sum(dim=1)                                # [n]
                 lse_new = torch.logaddexp(lse[s:e], lse_blk)
                 e_z[s:e] = e_z[s:e] * (lse[s:e] - lse_new).exp() + e_blk * (lse_blk - lse_new).exp()
                 lse[s:e] = lse_new
-        value = z_y - lse if kind == "logprob" else e_z - z_y                            # [N]
         ctx.save_for_backward(hidden, weight, b_idx, t_idx, y, lse)
         ctx.tau, ctx.sign, ctx.chunk_size = tau, (-1.0 if kind == "logprob" else 1.0), chunk_size
         out = torch.zeros(mask.shape, **f32)                                             # [B, T]
-        out[b_idx, t_idx] = value
+        out[b_idx, t_idx] = z_y - lse if kind == "logprob" else e_z - z_y
         return out
 
     @staticmethod
@@ -149,38 +149,40 @@ class _TokenValues(torch.autograd.Function):
         hidden, weight, b_idx, t_idx, y, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         B, T, d = hidden.shape
+        N = y.shape[0]
         coef = ctx.sign * grad_out[b_idx, t_idx].float()                                # [N]
-        # Accumulated over vocab blocks, so fp32 (it *is* the result when hidden is fp32).
+        # The hidden gradient sums over vocab blocks, so it accumulates in fp32 (for fp32
+        # hidden this is the result itself); rows are positions b*T + t, unscored ones stay 0.
         grad_h = torch.zeros(B * T, d, dtype=torch.float32, device=hidden.device) if need_h else None
-        flat = b_idx * T + t_idx                                                         # [N] rows of grad_h
+        rows = b_idx * T + t_idx                                                         # [N]
         grad_w = torch.zeros_like(weight) if need_w else None                            # [V, d]
-        c, vb = max(1, min(ctx.chunk_size, b_idx.shape[0])), min(VOCAB_BLOCK, weight.shape[0])
-        dz_low = None if hidden.dtype == torch.float32 else torch.empty(c, vb, dtype=hidden.dtype, device=hidden.device)
+        dz_low = None                                                                    # bf16 copy of a tile
         for s, e, v0, h_c, z in _tiles(hidden, weight, b_idx, t_idx, ctx.chunk_size):
-            nv = z.shape[1]
-            # ∂value/∂z · upstream = coef · (softmax(z/τ) − onehot(y)), built in the tile buffer.
+            n, nv = z.shape
+            # coef · (softmax(z/τ) − onehot(y)), built in place in the tile buffer
             if ctx.tau != 1.0:
                 z.div_(ctx.tau)
             z.sub_(lse[s:e, None]).exp_()
             col, inside = _in_block(y[s:e], v0, nv)
             z.scatter_add_(1, col, torch.where(inside, -1.0, 0.0))
-            if dz_low is None:
-                dz = z.mul_(coef[s:e, None])                                             # [n, Vb]
-            else:  # scale and round to bf16 in one pass, for the bf16 matmuls below
-                dz = torch.mul(z, coef[s:e, None], out=dz_low[:z.shape[0], :nv])
+            if hidden.dtype == torch.float32:
+                dz = z.mul_(coef[s:e, None])                                             # [n, nv]
+            else:  # scale and round to bf16 in one pass, for bf16 matmuls
+                dz_low = torch.empty(z.shape, dtype=hidden.dtype, device=z.device) if dz_low is None else dz_low
+                dz = torch.mul(z, coef[s:e, None], out=dz_low[:n, :nv])
             if need_h:
-                grad_h.index_add_(0, flat[s:e], (dz @ weight[v0:v0 + nv]).float())
+                grad_h.index_add_(0, rows[s:e], (dz @ weight[v0:v0 + nv]).float())
             if need_w:
-                # The block's rows sum over all token chunks: in fp32, straight into the result
-                # when that is fp32, else in a block accumulator cast once the block is done.
+                # This block's rows sum over every token chunk: in fp32, straight into the
+                # result when it is fp32, else into a block accumulator cast once complete.
                 if s == 0:
                     acc = grad_w[v0:v0 + nv] if grad_w.dtype == torch.float32 else torch.zeros(
-                        nv, d, dtype=torch.float32, device=weight.device)                # [Vb, d]
+                        nv, d, dtype=torch.float32, device=weight.device)                # [nv, d]
                 if dz.dtype == torch.float32:
                     acc.addmm_(dz.t(), h_c)
-                else:
+                else:  # bf16 matmul (fp32 inside the kernel), fp32 sum across chunks
                     acc.add_(dz.t() @ h_c)
-                if e == b_idx.shape[0] and grad_w.dtype != torch.float32:
+                if e == N and grad_w.dtype != torch.float32:
                     grad_w[v0:v0 + nv] = acc
         if need_h:
             grad_h = grad_h.view(B, T, d).to(hidden.dtype)

@@ -1,26 +1,30 @@
 """Sequence log-probs through the LM head: time and peak memory of forward + backward.
 
-    python bench/logprob.py                 # the whole table (each cell in a fresh process)
-    python bench/logprob.py --chunk 512     # try another chunk size for sequence_logprobs
+    python bench/logprob.py                                # the table (about 6 minutes on 2 cores)
+    python bench/logprob.py --chunk 512 --vocab-block 1024  # another tile shape for space
 
-Three ways to get s(y) = Σ_t log softmax(h_t Wᵀ)[y_t] per row and its gradients:
-  naive        logits = h @ W.T, log_softmax in fp32, gather, masked sum (what most trainers do)
-  torch-chunk  torch's own F.linear_cross_entropy(..., reduction='none',
-               options=LinearCrossEntropyOptions()); its per-token loss is −log p, weighted here
-               by the per-row upstream gradients
+Three ways to get s(y) = Σ_t log softmax(W h_t)[y_t] per row, and its gradients:
+  naive        logits = h @ W.T in the input dtype, log_softmax in fp32, gather, masked sum
+  torch-chunk  torch's own F.linear_cross_entropy(h, W, y, reduction='none',
+               options=torch.nn.LinearCrossEntropyOptions()); its per-token loss is −log p
   space        space.sequence_logprobs
 
-Every variant backpropagates the same random per-row upstream gradient g [B] (as a real loss
-would: each row's dL/ds differs), with N = B·T = 4096 tokens, all of them masked in (the worst
-case: every position is a response token), d = 512, V = 32000.
+Each backpropagates the same random per-row upstream gradient g [B] (a real loss's dL/ds differs
+per row), with N = B·T = 4096 tokens, every one of them scored (mask all ones, the worst case),
+d = 512, V = 32000, in fp32 and in bf16.
 
-Memory is measured honestly and separately: each (variant, dtype) runs in its own process. After
-the inputs exist and one warm-up step has run (so one-off library set-up is not counted), the
-kernel's peak-RSS counter is reset (/proc/self/clear_refs) and the peak resident memory of one
-forward + backward is read from VmHWM, minus the resident memory just before it. glibc is told
-to serve every allocation over 1 MiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed blocks go back
-to the kernel and the warm-up's freed memory cannot hide in the baseline. Time is the median of
-REPEATS steps after the warm-up.
+Memory: each (variant, dtype) runs in a fresh process. After the inputs exist and one warm-up
+step (so one-off library set-up is not counted), the kernel's peak-RSS counter is reset
+(/proc/self/clear_refs) and the peak resident memory of one forward + backward is VmHWM minus
+the resident memory just before it; the parameter gradients it creates count. glibc is told
+to serve every allocation over 1 MiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed blocks go
+back to the kernel and the warm-up's freed memory cannot hide in the baseline.
+
+Time: one process per dtype runs the three variants in turn, REPEATS rounds after a warm-up,
+and reports each one's median; taking turns means a change in machine load hits all three.
+Run it on an idle machine: with other jobs on the cores, every one of OpenMP's per-op thread
+barriers waits for a descheduled thread, which costs the tiled path (hundreds of small ops)
+far more than the naive one (a handful of big ones). The load average is printed for that.
 """
 
 import argparse
@@ -123,7 +127,9 @@ def measure_time(dtype_name, chunk_size):
 def child(args, *what):
     """Run this file again in a fresh process and return the JSON it prints."""
     cmd = [sys.executable, __file__, "--chunk", str(args.chunk), "--vocab-block", str(args.vocab_block), *what]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    # Memory only: the mmap threshold makes freed blocks leave the process, so VmHWM is honest, but
+    # it also makes every tile-sized temporary a fresh mmap and page faults; timing runs without it.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20)) if what[0] == "--memory" else dict(os.environ)
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

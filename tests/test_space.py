@@ -13,6 +13,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import space  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one thread is faster, and immune to a busy machine's other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sig(u):
     return 1 / (1 + math.exp(-u))
 
@@ -58,8 +67,15 @@ def value_and_grads(fn, hidden, weight, upstream, *args, **kwargs):
 # sequence_logprobs
 
 
+@pytest.fixture(params=[64, 1024], ids=["vocab_block64", "vocab_block1024"])
+def vocab_block(request, monkeypatch):
+    """Tiles of 64 vocab entries: several blocks and a ragged last one (V = 300 or 2000)."""
+    monkeypatch.setattr(space, "VOCAB_BLOCK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 10, 1024])   # N = 30 here: 10 divides it, 7 doesn't
-def test_sequence_logprobs_fp32_matches_float64(chunk_size):
+def test_sequence_logprobs_fp32_matches_float64(chunk_size, vocab_block):
     hidden, weight, targets, mask, upstream = make_batch(torch.float32)
     assert mask.sum() == 30 and mask[-1].sum() == 0
     ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
@@ -73,7 +89,7 @@ def test_sequence_logprobs_fp32_matches_float64(chunk_size):
 
 
 @pytest.mark.parametrize("chunk_size", [7, 1024])
-def test_sequence_logprobs_bf16_no_worse_than_naive_bf16(chunk_size):
+def test_sequence_logprobs_bf16_no_worse_than_naive_bf16(chunk_size, vocab_block):
     hidden, weight, targets, mask, upstream = make_batch(torch.bfloat16, T=64, d=64, V=2000)
     ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
     naive = value_and_grads(naive_logprobs, hidden, weight, upstream, targets, mask)
@@ -84,7 +100,7 @@ def test_sequence_logprobs_bf16_no_worse_than_naive_bf16(chunk_size):
         assert rel_err(got, want) <= rel_err(base, want) + 1e-2
 
 
-def test_sequence_logprobs_frozen_weight_and_constant_hidden():
+def test_sequence_logprobs_frozen_weight_and_constant_hidden(vocab_block):
     hidden, weight, targets, mask, upstream = make_batch(torch.float32)
     ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
     # frozen LM head: only hidden gets a gradient
@@ -98,6 +114,23 @@ def test_sequence_logprobs_frozen_weight_and_constant_hidden():
     # neither: plain inference, as when scoring with the frozen opponent
     with torch.no_grad():
         assert rel_err(space.sequence_logprobs(hidden, weight, targets, mask), ref[0]) < 1e-5
+
+
+def test_sequence_logprobs_strided_hidden_as_a_model_gives_it(vocab_block):
+    # hidden[:, :-1] predicts tokens[:, 1:]: a non-contiguous view, and no copy of it is needed
+    hidden, weight, targets, mask, upstream = make_batch(torch.float32, T=24)
+    hidden, targets, mask = hidden[:, :-1].detach(), targets[:, 1:], mask[:, 1:]
+    assert not hidden.is_contiguous()
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask, chunk_size=7)
+    for got, want in zip(out, ref):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_sequence_logprobs_rejects_mixed_dtypes():
+    hidden, weight, targets, mask, _ = make_batch(torch.float32)
+    with pytest.raises(TypeError):
+        space.sequence_logprobs(hidden.bfloat16(), weight, targets, mask)
 
 
 def test_sequence_logprobs_accepts_int_mask_and_all_masked_batch():
@@ -123,7 +156,7 @@ def naive_gem(hidden, weight, targets, mask, beta):
 
 
 @pytest.mark.parametrize("beta", [0.7, 0.3])
-def test_gem_loss_matches_float64(beta):
+def test_gem_loss_matches_float64(beta, vocab_block):
     hidden, weight, targets, mask, _ = make_batch(torch.float32)
     one = torch.ones(())
     ref = value_and_grads(naive_gem, hidden.double(), weight.double(), one.double(), targets, mask, beta)
@@ -132,7 +165,7 @@ def test_gem_loss_matches_float64(beta):
         assert rel_err(got, want) < 1e-5
 
 
-def test_gem_with_beta_one_has_the_cross_entropy_gradient():
+def test_gem_with_beta_one_has_the_cross_entropy_gradient(vocab_block):
     hidden, weight, targets, mask, _ = make_batch(torch.float32)
     one = torch.ones(())
     gem = value_and_grads(space.gem_loss, hidden, weight, one, targets, mask, beta=1.0, chunk_size=7)
