@@ -35,7 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
@@ -67,7 +67,7 @@ PRESETS = {
               "batch_size": 16, "micro_batch_size": 8, "sft_batch_size": 32, "gen_batch": 32,
               "ckpt_every": 4, "log_every": 2},
     # SPIN / SPACE at paper scale: zephyr-7b-sft-full or Mistral-7B, 50k UltraChat prompts, 8 GPUs
-    "paper": {**DEMO, "iterations": 5, "epochs": 2, "lr": 5e-7, "optimizer": "rmsprop", "batch_size": 64,
+    "paper": {**DEMO, "iterations": 5, "epochs": 2, "lr": 5e-7, "late_lr": 1e-7, "optimizer": "rmsprop", "batch_size": 64,
               "micro_batch_size": 1, "max_prompt": 512, "max_length": 1024, "max_new_tokens": 256,
               "gen_batch": 64, "n_test": 500, "ckpt_every": 100, "log_every": 10, "bf16": True,
               "activation_checkpointing": True, "mu": 1.0},
@@ -92,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=float, default=0.5, help="S-SimPO's margin γ")
     p.add_argument("--spin-kind", choices=["sigmoid", "hinge"], default="sigmoid", help="SPIN's loss ℓ")
     p.add_argument("--lr", type=float, help="peak learning rate of the iterations")
+    p.add_argument("--late-lr", type=float, help="peak learning rate from iteration 2 on (SPIN: 1e-7 after 5e-7)")
     p.add_argument("--epochs", type=int, help="epochs per iteration")
     p.add_argument("--batch-size", type=int, help="global batch, in prompts (each with its real and K generated)")
     p.add_argument("--micro-batch-size", type=int, help="prompts per forward pass on one rank (gradient accumulation)")
@@ -197,10 +198,13 @@ def frozen_copy(model, dtype, device) -> Transformer:
     It generates, scores the reference log-probs, is evaluated and exported, and is then dropped:
     generation runs a different number of forward passes on each rank, which sharded weights
     (one collective per block per pass) would deadlock on."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = {}
+    for name, t in model.state_dict().items():  # under FSDP, shards: gather one tensor at a time
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        state[name] = t.to(device=device, dtype=dtype, copy=True)
     with torch.device("meta"):
         copy = Transformer(model.args)
-    copy.load_state_dict({k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}, assign=True)
+    copy.load_state_dict(state, assign=True)
     if copy.args.tie_embeddings:
         copy.output.weight = copy.tok_embeddings.weight
     return copy.eval().requires_grad_(False)
@@ -249,14 +253,16 @@ def evaluate(policy, tok, chats, cfg, rank, world, exact: bool) -> dict:
         seqs = [data.encode_example(tok, p, y, cfg.max_prompt, cfg.max_length)[:2] for p, y in prompts]
         logp = score(policy, seqs, tok.pad_id)
         if not exact:
-            return [(math.nan, s) for s in logp]
+            return [(0.0, s) for s in logp]
         ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts]
         out = generate(policy, ids, cfg.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
         hits = [float(data.exact_match(data.decode_response(tok, o), y)) for o, (_, y) in zip(out, prompts)]
         return list(zip(hits, logp))
     results = map_chunks(chats, cfg.gen_batch, work, rank, world, "evaluate")
-    return {"eval/accuracy": sum(h for h, _ in results) / len(results),
-            "eval/heldout_logp": sum(s for _, s in results) / len(results)}
+    out = {"eval/heldout_logp": sum(s for _, s in results) / len(results)}
+    if exact:  # exact match only means something on the demo task
+        out["eval/accuracy"] = sum(h for h, _ in results) / len(results)
+    return out
 
 # -----------------------------------------------------------------------------
 # Training: one phase is E epochs of one loss over one dataset, with a fresh optimizer and schedule
@@ -286,17 +292,17 @@ def micro_loss(model, method, cfg, examples, batch_count, world):
     mean loss, whatever the number of ranks. Returns (scaled loss, metrics summed over the micro-batch)."""
     if method in ("sft", "gem"):
         # examples: (ids, loss_mask); batch_count: response tokens in the whole global batch
-        tokens, targets, mask = data.collate(examples, cfg.pad_id)
+        tokens, targets, mask = (t.to(cfg.device) for t in data.collate(examples, cfg.pad_id))
         hidden = model(tokens, return_hidden=True)
         fn = sft_loss if method == "sft" else lambda *a, **k: gem_loss(*a, beta=cfg.beta, **k)
         loss = fn(hidden, model.output.weight, targets, mask, num_tokens=batch_count)
         return loss * world, {"loss": loss.item()}
     # examples: self-play records, each with its 1 + K encoded sequences; batch_count: prompts
     B, K1 = len(examples), len(examples[0]["seqs"])
-    tokens, targets, mask = data.collate([s for ex in examples for s in ex["seqs"]], cfg.pad_id)
+    tokens, targets, mask = (t.to(cfg.device) for t in data.collate([s for ex in examples for s in ex["seqs"]], cfg.pad_id))
     hidden = model(tokens, return_hidden=True)
     logp = sequence_logprobs(hidden, model.output.weight, targets, mask).view(B, K1)  # [B, 1+K]
-    ref = torch.tensor([[ex["ref_real"]] + ex["ref_generated"] for ex in examples])   # [B, 1+K]
+    ref = torch.tensor([[ex["ref_real"]] + ex["ref_generated"] for ex in examples], device=cfg.device)  # [B, 1+K]
     n = mask.sum(1).view(B, K1).float()                                                # response lengths
     real, gen, ref_real, ref_gen = logp[:, 0], logp[:, 1:], ref[:, 0], ref[:, 1:]
     if method == "space":
@@ -316,6 +322,8 @@ def micro_loss(model, method, cfg, examples, batch_count, world):
 def train_phase(model, cfg, run, method, examples, epochs, lr, batch_size, micro_batch_size, phase_seed):
     """E epochs over examples, resuming at run.step; a checkpoint every cfg.ckpt_every steps."""
     steps_per_epoch = len(examples) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples do not fill one global batch of {batch_size} (--batch-size)")
     total = steps_per_epoch * epochs
     opt = make_optimizer(model, cfg, lr)
     if run.step > 0:
@@ -350,13 +358,13 @@ def train_phase(model, cfg, run, method, examples, epochs, lr, batch_size, micro
             n_tokens += sum(len(s[0]) for ex in micro for s in (ex["seqs"] if isinstance(ex, dict) else [ex]))
         keys = sorted(sums)
         totals = dict(zip(keys + ["tokens"], all_sum([sums[key] for key in keys] + [n_tokens], cfg.device)))
-        if not math.isfinite(totals["loss"]):
-            raise FloatingPointError(
-                f"loss is {totals['loss']} at {run.phase} {run.iteration}, step {run.step} (global step "
-                f"{run.global_step}); stopping before the optimizer step. The last good checkpoint is "
-                f"{os.path.join(cfg.out, 'ckpt', run.latest or '(none yet)')}; resume with --resume")
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if not (math.isfinite(totals["loss"]) and math.isfinite(norm.item())):
+            raise FloatingPointError(
+                f"loss is {totals['loss']} (gradient norm {norm.item()}) at {run.phase} {run.iteration}, step {run.step} (global step "
+                f"{run.global_step}); stopping before the optimizer step. The last good checkpoint is "
+                f"{os.path.join(cfg.out, 'ckpt', run.latest or '(none yet)')}; resume with --resume")
         opt.step()
         opt.zero_grad(set_to_none=True)
         run.step += 1
@@ -416,7 +424,7 @@ def save_checkpoint(cfg, run, model, opt=None):
     if run.rank == 0:
         size = os.path.getsize(run.metrics) if os.path.exists(run.metrics) else 0
         with open(os.path.join(path, "run.json"), "w") as f:
-            json.dump({**run.state(), "metrics_bytes": size, "has_optim": opt is not None}, f)
+            json.dump({**run.state(), "metrics_bytes": size}, f)
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(name)
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
@@ -455,7 +463,7 @@ def resume(cfg, run, model):
     path = latest_checkpoint(cfg)
     with open(os.path.join(path, "run.json")) as f:
         saved = json.load(f)
-    for k in ("phase", "iteration", "step", "global_step", "stats", "summary"):
+    for k in run.state():
         setattr(run, k, saved[k])
     run.latest = os.path.basename(path)
     load_checkpoint(cfg, run, model)
@@ -523,6 +531,9 @@ def main(argv=None):
     resuming = latest_checkpoint(cfg) is not None
     if resuming and not cfg.resume:
         raise SystemExit(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
+    if not resuming and any(d.startswith("iter_") for d in os.listdir(cfg.out)):
+        # samples drawn by another run must not be trained on as if they were this run's
+        raise SystemExit(f"{cfg.out} holds iter_* folders but no checkpoint: choose another --out or remove them")
     run = Run(cfg, rank, world)
     if rank == 0 and not resuming:
         open(run.metrics, "w").close()
@@ -540,6 +551,8 @@ def main(argv=None):
     model = parallelize(model, cfg, world, device)
     if resuming:
         resume(cfg, run, model)
+    elif run.phase == "iter":
+        save_checkpoint(cfg, run, model)  # θ_0 = --model: from here on every kill can resume
 
     if run.phase == "sft":
         examples = encode_phase_data(tok, cfg, "sft", sft_chats, None)
@@ -548,13 +561,16 @@ def main(argv=None):
         run.phase, run.iteration, run.step = "iter", 0, 0
         save_checkpoint(cfg, run, model)
 
-    gen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
+    # θ_t computes as training does, so r(y) = 0 at θ = θ_t: bf16 weights under FSDP's bf16 policy,
+    # fp32 weights under autocast (one process), fp32 otherwise
+    gen_dtype = torch.bfloat16 if cfg.bf16 and dist.is_initialized() else torch.float32
     while True:
         t = run.iteration
         policy = None
         if run.step == 0:  # the start of iteration t: evaluate and export θ_t
             policy = frozen_copy(model, gen_dtype, device)
-            result = {"iteration": t, **evaluate(policy, tok, held_out, cfg, rank, world, exact=not cfg.data)}
+            with autocast(cfg, device):
+                result = {"iteration": t, **evaluate(policy, tok, held_out, cfg, rank, world, exact=not cfg.data)}
             if t > 0:
                 steps = max(1, run.stats.get("steps", 1))
                 result.update({k: v / steps for k, v in run.stats.items() if k != "steps"})
@@ -572,7 +588,8 @@ def main(argv=None):
         if cfg.method in SELF_PLAY:
             if not os.path.exists(path):  # a resumed run reuses the samples it already drew
                 policy = policy or frozen_copy(model, gen_dtype, device)
-                records = self_play_round(policy, tok, selfplay_chats, cfg, t, rank, world)
+                with autocast(cfg, device):
+                    records = self_play_round(policy, tok, selfplay_chats, cfg, t, rank, world)
                 if rank == 0:
                     data.save_jsonl(path, records)
                 barrier()
@@ -581,7 +598,8 @@ def main(argv=None):
         if run.step == 0:
             run.stats = {}
         examples = encode_phase_data(tok, cfg, cfg.method, selfplay_chats, records)
-        train_phase(model, cfg, run, cfg.method, examples, cfg.epochs, cfg.lr, cfg.batch_size,
+        lr = cfg.late_lr if cfg.late_lr is not None and t >= 2 else cfg.lr
+        train_phase(model, cfg, run, cfg.method, examples, cfg.epochs, lr, cfg.batch_size,
                     cfg.micro_batch_size, phase_seed=cfg.seed * 1000 + t + 1)
         run.iteration, run.step = t + 1, 0
         save_checkpoint(cfg, run, model)
