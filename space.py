@@ -56,7 +56,10 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Log-probs through the LM head, tile by tile, so the [N, V] logits never exist at once
 
-VOCAB_BLOCK = 512   # vocabulary entries per tile; a tile is chunk_size x VOCAB_BLOCK fp32 logits
+# Vocabulary entries per tile; a tile is chunk_size x VOCAB_BLOCK fp32 logits. 1024 x 512 was
+# tuned on a 2-core CPU (bench/logprob.py): cache-sized, and peak memory within torch's own
+# chunked cross-entropy. On a GPU, larger tiles amortise kernel launches better.
+VOCAB_BLOCK = 512
 
 
 def _tiles(hidden, weight, b_idx, t_idx, chunk_size):
@@ -168,7 +171,8 @@ class _TokenValues(torch.autograd.Function):
             if hidden.dtype == torch.float32:
                 dz = z.mul_(coef[s:e, None])                                             # [n, nv]
             else:  # scale and round to bf16 in one pass, for bf16 matmuls
-                dz_low = torch.empty(z.shape, dtype=hidden.dtype, device=z.device) if dz_low is None else dz_low
+                if dz_low is None:  # the first tile is the largest
+                    dz_low = torch.empty(z.shape, dtype=hidden.dtype, device=z.device)
                 dz = torch.mul(z, coef[s:e, None], out=dz_low[:n, :nv])
             if need_h:
                 grad_h.index_add_(0, rows[s:e], (dz @ weight[v0:v0 + nv]).float())
