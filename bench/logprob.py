@@ -24,7 +24,8 @@ Time: one process per dtype runs the three variants in turn, REPEATS rounds afte
 and reports each one's median; taking turns means a change in machine load hits all three.
 Run it on an idle machine: with other jobs on the cores, every one of OpenMP's per-op thread
 barriers waits for a descheduled thread, which costs the tiled path (hundreds of small ops)
-far more than the naive one (a handful of big ones). The load average is printed for that.
+far more than the naive one (a handful of big ones). The 1-minute load average is printed
+before (other jobs) and after (which includes this benchmark's own threads).
 """
 
 import argparse
@@ -158,7 +159,8 @@ def main():
         for v in VARIANTS:
             print(f"{v:<12} {dtype_name:<5} {ms[v]:>9.0f} {ms[v] / ms['naive']:>8.2f} "
                   f"{peak[v]:>9.1f} {100 * peak[v] / peak['naive']:>7.1f}%")
-    print(f"load average after: {open('/proc/loadavg').read().split()[0]}")
+    print(f"load average after: {open('/proc/loadavg').read().split()[0]} "
+          f"(this includes the benchmark's own {torch.get_num_threads()} busy threads)")
 
 
 if __name__ == "__main__":
