@@ -1,0 +1,206 @@
+"""
+The self-play round of iteration t: what the frozen opponent θ_t does before θ is trained on it
+(step 1 of both papers' Algorithm 1), and the held-out evaluation that uses the same machinery.
+
+    records = self_play_round(policy, scorer, tok, prompts, cfg, t, rank, world)
+
+At paper scale this round is the expensive and fragile part of an iteration: 50k prompts × K samples
+of up to 256 tokens, then every response scored by θ_t. So:
+
+- The prompts are cut into chunks of --gen-batch. Chunk c draws its samples from its own seed, so the
+  samples do not depend on which rank drew them or on how many ranks there are. The chunks still to
+  do are dealt out round robin, and each finished chunk is written at once, atomically, as
+  OUT/iter_t/selfplay.part-0000c.jsonl. A run killed mid-round resumes with only the missing chunks;
+  rank 0 then merges the parts, in chunk order, into selfplay.jsonl and removes them. The merged file
+  is byte for byte the one an uninterrupted run writes, whatever the moment of the kill and the
+  number of ranks.
+- With --mix-previous N, iteration t also trains on the samples drawn in iterations t-N .. t-1 for the
+  same prompts (SPIN's own configs do this). Their stored reference scores are an older opponent's;
+  r(y) = s_θ(y) - s_θt(y) needs θ_t's, so they are re-scored in the chunk of their prompt, which makes
+  the re-scoring resumable too. Every record says which iteration's model drew it ("drawn_by").
+- Scoring sorts a chunk's 1 + K sequences per prompt by length and packs them into batches of at most
+  --score-tokens padded tokens, instead of one prompt per forward pass.
+
+Across nodes OUT must be a shared filesystem: the parts are written by the rank that drew them and
+merged by rank 0.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from sample import generate
+from space import sequence_logprobs
+
+
+# -----------------------------------------------------------------------------
+# Scoring: s(y|x) of many sequences, batched by length
+
+
+@torch.no_grad()
+def score(model, seqs, pad_id, max_tokens=16384) -> list[float]:
+    """s(y|x) of each (ids, loss_mask) sequence: the summed log-prob of its response tokens.
+
+    The sequences are sorted longest first and cut into batches of at most max_tokens padded tokens
+    (B x T), so a short response never pays for a long one's padding and a forward pass is as large
+    as the budget allows. The batches depend on seqs alone, so the scores do not depend on how the
+    work is split across ranks. Runs under whatever autocast the caller has entered: θ_t must be
+    scored in the precision that training computes s_θ in, so that r(y) = 0 at θ = θ_t."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # stable: ties keep their order
+    weight = model.output.weight
+    out = [0.0] * len(seqs)
+    i = 0
+    while i < len(order):
+        T = len(seqs[order[i]][0]) - 1                 # the batch's longest (first) sequence sets its width
+        idx = order[i:i + max(1, max_tokens // T)]
+        tokens, targets, mask = (to_device(t, weight.device) for t in data.collate([seqs[j] for j in idx], pad_id))
+        hidden = model(tokens, return_hidden=True)     # [b, T, d]
+        for j, s in zip(idx, sequence_logprobs(hidden, weight, targets, mask).tolist()):
+            out[j] = s
+        i += len(idx)
+    return out
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host batch -> device. On a GPU through pinned memory, so the copy runs asynchronously and the
+    host goes on preparing the next batch instead of waiting for it."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+# -----------------------------------------------------------------------------
+# Distributed helpers: rank 0 decides, every rank follows
+
+
+def from_rank0(fn):
+    """fn() evaluated on rank 0 only and handed to every rank. Decisions that read the filesystem
+    (is there a checkpoint? which parts exist?) are made once, so ranks on different nodes cannot
+    disagree and split, and data read once is not read again by every rank."""
+    value = [fn() if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def chunked(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def map_chunks(items, size, fn, rank, world, desc):
+    """fn(c, chunk c of items) for every chunk, chunk c on rank c % world; every rank gets all results,
+    in order. Used where the results are small and need no saving (evaluation)."""
+    chunks = list(enumerate(chunked(items, size)))
+    mine = [(c, fn(c, part)) for c, part in tqdm(chunks[rank::world], desc=desc, disable=rank != 0, leave=False)]
+    if dist.is_initialized():
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        mine = [x for r in everyone for x in r]
+    return [y for _, ys in sorted(mine, key=lambda cy: cy[0]) for y in ys]
+
+
+# -----------------------------------------------------------------------------
+# The round
+
+
+def part_path(folder, c):
+    return os.path.join(folder, f"selfplay.part-{c:05d}.jsonl")
+
+
+def previous_samples(cfg, t, n_prompts) -> list[list[dict]]:
+    """For each prompt, the records drawn for it in iterations t-N .. t-1 (N = --mix-previous), oldest
+    first. Iteration s's own draws are the records of iter_s/selfplay.jsonl with drawn_by == s, in
+    prompt order."""
+    reused = [[] for _ in range(n_prompts)]
+    for s in range(max(0, t - cfg.mix_previous), t):
+        path = os.path.join(cfg.out, f"iter_{s}", "selfplay.jsonl")
+        drawn = [r for r in data.load_selfplay(path) if r["drawn_by"] == s]
+        if len(drawn) != n_prompts:
+            raise ValueError(f"{path}: {len(drawn)} records drawn by iteration {s}, but the self-play set has "
+                             f"{n_prompts} prompts; --mix-previous reuses samples of the same prompts, so the "
+                             "data and its flags must not change within a run")
+        for i, r in enumerate(drawn):
+            reused[i].append(r)
+    return reused
+
+
+def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dict]:
+    """Step 1 of the algorithm for iteration t: K samples per prompt from θ_t (policy), the reused
+    samples of earlier iterations, and θ_t's reference scores of every response (scorer: the same
+    weights, computing as training computes). Returns every record iteration t trains on, on every
+    rank; OUT/iter_t/selfplay.jsonl holds the same records."""
+    folder = os.path.join(cfg.out, f"iter_{t}")
+    final = os.path.join(folder, "selfplay.jsonl")
+    records = from_rank0(lambda: data.load_selfplay(final) if os.path.exists(final) else None)
+    if records is not None:  # a resumed run: the round was already merged
+        return records
+    K = cfg.samples_per_prompt
+    prompts = chunked([data.split_chat(ch["messages"]) for ch in chats], cfg.gen_batch)
+    reused = chunked(from_rank0(lambda: previous_samples(cfg, t, len(chats))), cfg.gen_batch)
+    os.makedirs(folder, exist_ok=True)
+    todo = from_rank0(lambda: [c for c in range(len(prompts)) if not os.path.exists(part_path(folder, c))])
+    for c in tqdm(todo[rank::world], desc=f"generate iter {t}", disable=rank != 0, leave=False):
+        ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts[c]]
+        # one seed per chunk of prompts: the same samples whatever the number of ranks
+        out = generate(policy, [x for x in ids for _ in range(K)], cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, eos_id=tok.eos_id, seed=cfg.seed * 1_000_003 + t * 10_007 + c)
+        texts = [data.decode_response(tok, o) for o in out]
+        new = [{"messages": p, "real": y, "generated": texts[j * K:(j + 1) * K], "drawn_by": t}
+               for j, (p, y) in enumerate(prompts[c])]
+        old = [{k: r[k] for k in ("messages", "real", "generated", "drawn_by")} for rs in reused[c] for r in rs]
+        part = new + old
+        seqs = [data.encode_example(tok, r["messages"], y, cfg.max_prompt, cfg.max_length)[:2]
+                for r in part for y in [r["real"]] + r["generated"]]
+        s = score(scorer, seqs, tok.pad_id, cfg.score_tokens)
+        for i, r in enumerate(part):
+            r["ref_real"], r["ref_generated"] = s[i * (K + 1)], s[i * (K + 1) + 1:(i + 1) * (K + 1)]
+        data.save_jsonl(part_path(folder, c), part)
+    if dist.is_initialized():
+        dist.barrier()
+
+    def merge():
+        merged = [r for c in range(len(prompts)) for r in data.load_selfplay(part_path(folder, c))]
+        data.save_jsonl(final, merged)  # atomic: a kill leaves the parts, or the merged file
+        for c in range(len(prompts)):
+            os.remove(part_path(folder, c))
+        return merged
+    return from_rank0(merge)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and what the model says
+
+
+def evaluate(policy, scorer, tok, chats, cfg, rank, world, exact: bool) -> dict:
+    """Greedy exact match (demo task only) and the log-likelihood of the held-out real responses, per
+    response and per token (on real data response lengths differ by 100x, so the per-response mean is
+    dominated by the long ones)."""
+    def work(c, part):
+        prompts = [data.split_chat(ch["messages"]) for ch in part]
+        seqs = [data.encode_example(tok, p, y, cfg.max_prompt, cfg.max_length)[:2] for p, y in prompts]
+        logp = score(scorer, seqs, tok.pad_id, cfg.score_tokens)
+        n = [sum(m) for _, m in seqs]
+        if not exact:
+            return [(0.0, s, k) for s, k in zip(logp, n)]
+        ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts]
+        out = generate(policy, ids, cfg.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+        hits = [float(data.exact_match(data.decode_response(tok, o), y)) for o, (_, y) in zip(out, prompts)]
+        return list(zip(hits, logp, n))
+    results = map_chunks(chats, cfg.gen_batch, work, rank, world, "evaluate")
+    out = {"eval/heldout_logp": sum(s for _, s, _ in results) / len(results),
+           "eval/heldout_logp_token": sum(s for _, s, _ in results) / max(1, sum(n for _, _, n in results))}
+    if exact:  # exact match only means something on the demo task
+        out["eval/accuracy"] = sum(h for h, _, _ in results) / len(results)
+    return out
+
+
+def greedy_samples(policy, tok, chats, cfg, n=8) -> list[dict]:
+    """θ_t's greedy replies to the first n held-out prompts: what each iteration does to the model, in
+    words. Written to OUT/iter_t/samples.jsonl."""
+    prompts = [data.split_chat(ch["messages"]) for ch in chats[:n]]
+    ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts]
+    room = policy.args.max_seq_len - max(len(x) for x in ids)
+    out = generate(policy, ids, min(cfg.max_new_tokens, room), temperature=0.0, eos_id=tok.eos_id)
+    return [{"messages": p, "real": y, "reply": data.decode_response(tok, o)} for (p, y), o in zip(prompts, out)]
