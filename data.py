@@ -209,6 +209,9 @@ def _check_selfplay(record):
         return "ref_generated", "must be a list of finite numbers"
     if len(ref_generated) != len(generated):
         return "ref_generated", f"has {len(ref_generated)} scores for {len(generated)} generated responses"
+    drawn_by = record.get("drawn_by")
+    if not isinstance(drawn_by, int) or isinstance(drawn_by, bool) or drawn_by < 0:
+        return "drawn_by", f"must be the iteration whose model drew the responses (an int >= 0), got {drawn_by!r}"
     return None
 
 
@@ -253,7 +256,8 @@ def load_chats(path):
 
 
 def load_selfplay(path):
-    """Self-play JSONL: {"messages": prompt, "real", "generated": [K], "ref_real", "ref_generated": [K]} a line.
+    """Self-play JSONL: {"messages": prompt, "real", "generated": [K], "ref_real", "ref_generated": [K],
+    "drawn_by"} a line.
     Every line must have the same K, because the trainer stacks the generated responses into [B, K]."""
     k = []
 

@@ -2,7 +2,7 @@
 The self-play round of iteration t: what the frozen opponent θ_t does before θ is trained on it
 (step 1 of both papers' Algorithm 1), and the held-out evaluation that uses the same machinery.
 
-    records = self_play_round(policy, scorer, tok, prompts, cfg, t, rank, world)
+    records = self_play_round(policy, scorer, tok, chats, cfg, t, rank, world)
 
 At paper scale this round is the expensive and fragile part of an iteration: 50k prompts × K samples
 of up to 256 tokens, then every response scored by θ_t. So:
@@ -128,8 +128,8 @@ def previous_samples(cfg, t, n_prompts) -> list[list[dict]]:
 
 def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dict]:
     """Step 1 of the algorithm for iteration t: K samples per prompt from θ_t (policy), the reused
-    samples of earlier iterations, and θ_t's reference scores of every response (scorer: the same
-    weights, computing as training computes). Returns every record iteration t trains on, on every
+    samples of earlier iterations, and θ_t's reference scores of every response (scorer(seqs) -> s_θt
+    of each (ids, loss_mask), computed as training computes s_θ; `score` below does the work). Returns every record iteration t trains on, on every
     rank; OUT/iter_t/selfplay.jsonl holds the same records."""
     folder = os.path.join(cfg.out, f"iter_{t}")
     final = os.path.join(folder, "selfplay.jsonl")
@@ -153,7 +153,7 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
         part = new + old
         seqs = [data.encode_example(tok, r["messages"], y, cfg.max_prompt, cfg.max_length)[:2]
                 for r in part for y in [r["real"]] + r["generated"]]
-        s = score(scorer, seqs, tok.pad_id, cfg.score_tokens)
+        s = scorer(seqs)
         for i, r in enumerate(part):
             r["ref_real"], r["ref_generated"] = s[i * (K + 1)], s[i * (K + 1) + 1:(i + 1) * (K + 1)]
         data.save_jsonl(part_path(folder, c), part)
@@ -180,7 +180,7 @@ def evaluate(policy, scorer, tok, chats, cfg, rank, world, exact: bool) -> dict:
     def work(c, part):
         prompts = [data.split_chat(ch["messages"]) for ch in part]
         seqs = [data.encode_example(tok, p, y, cfg.max_prompt, cfg.max_length)[:2] for p, y in prompts]
-        logp = score(scorer, seqs, tok.pad_id, cfg.score_tokens)
+        logp = scorer(seqs)
         n = [sum(m) for _, m in seqs]
         if not exact:
             return [(0.0, s, k) for s, k in zip(logp, n)]

@@ -297,12 +297,13 @@ def simpo_loss(policy_real, policy_gen, len_real, len_gen, beta=2.0, gamma=0.5):
 @torch.no_grad()
 def reward_metrics(policy_real, policy_gen, ref_real, ref_gen):
     """Logged numbers: mean rewards r(y), r(y'), their margin, and the fraction of prompts whose
-    real response out-scores every generated one (1.0 means the player tells them apart)."""
+    real response out-scores every generated one (1.0 means the player tells them apart).
+    0-d tensors, so a trainer can read them back once per step rather than once per call."""
     r_real = (policy_real - ref_real).float()                                      # [B]
     r_gen = _per_pair(policy_gen - ref_gen).float()                                # [B, K]
     return {
-        "rewards/real": r_real.mean().item(),
-        "rewards/generated": r_gen.mean().item(),
-        "rewards/margin": (r_real[:, None] - r_gen).mean().item(),
-        "accuracy": (r_real[:, None] > r_gen).all(dim=1).float().mean().item(),
+        "rewards/real": r_real.mean(),
+        "rewards/generated": r_gen.mean(),
+        "rewards/margin": (r_real[:, None] - r_gen).mean(),
+        "accuracy": (r_real[:, None] > r_gen).all(dim=1).float().mean(),
     }

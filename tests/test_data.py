@@ -147,7 +147,8 @@ def test_truncation_keeps_bos_and_the_last_prompt_tokens(tok):
 
 GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 U, A, S = ({"role": r, "content": "x"} for r in ("user", "assistant", "system"))
-GOOD_SELFPLAY = {"messages": [S, U], "real": "yes", "generated": ["no", ""], "ref_real": -3.5, "ref_generated": [-1, -2.25]}
+GOOD_SELFPLAY = {"messages": [S, U], "real": "yes", "generated": ["no", ""], "ref_real": -3.5, "ref_generated": [-1, -2.25],
+                 "drawn_by": 0}
 
 BAD_CHATS = [  # (line, field or phrase the error must name)
     ("{not json", "not valid JSON"),
@@ -182,6 +183,9 @@ BAD_SELFPLAY = [
     ({"ref_generated": [1.0, float("inf")]}, "ref_generated: must be a list of finite numbers"),
     ({"ref_generated": [1.0]}, "ref_generated: has 1 scores for 2 generated"),
     ({"generated": ["a", "b", "c"], "ref_generated": [1, 2, 3]}, "generated: has 3 responses where the earlier lines have 2"),
+    ({"drawn_by": None}, "drawn_by: must be the iteration whose model drew the responses"),
+    ({"drawn_by": -1}, "drawn_by: must be the iteration"),
+    ({"drawn_by": 1.0}, "drawn_by: must be the iteration"),
 ]
 
 

@@ -281,6 +281,6 @@ def test_reward_metrics():
     assert m["rewards/generated"] == pytest.approx(2.5 / 6)
     assert m["rewards/margin"] == pytest.approx(1.0 - 2.5 / 6)
     assert m["accuracy"] == pytest.approx(1 / 3)   # only row 0 beats both; row 2 ties one
-    assert all(isinstance(v, float) for v in m.values())
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())  # read back by the caller
     # K = 1 given as [B]
     assert space.reward_metrics(t(1.0, 0.0), t(0.0, 1.0), t(0.0, 0.0), t(0.0, 0.0))["accuracy"] == 0.5
