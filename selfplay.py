@@ -141,6 +141,10 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
     reused = chunked(from_rank0(lambda: previous_samples(cfg, t, len(chats))), cfg.gen_batch)
     os.makedirs(folder, exist_ok=True)
     todo = from_rank0(lambda: [c for c in range(len(prompts)) if not os.path.exists(part_path(folder, c))])
+    if rank == 0:
+        reuse = f"; reusing the samples of iterations {max(0, t - cfg.mix_previous)}..{t - 1}" if t and cfg.mix_previous else ""
+        print(f"iteration {t}: generating {len(todo)} of {len(prompts)} chunks ({len(prompts) - len(todo)} already "
+              f"on disk){reuse}", flush=True)
     for c in tqdm(todo[rank::world], desc=f"generate iter {t}", disable=rank != 0, leave=False):
         ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts[c]]
         # one seed per chunk of prompts: the same samples whatever the number of ranks
