@@ -1,6 +1,7 @@
 """model.py against transformers' MistralForCausalLM / LlamaForCausalLM on random tiny checkpoints."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -108,6 +109,97 @@ def test_save_model_loads_in_transformers(tmp_path, tied):
     again = load_model(tmp_path)  # and back: a round trip is exact
     with torch.no_grad():
         assert torch.equal(again(x), ours(x))
+
+
+def _random_model(tied=False, seed=3):
+    """Our model with every weight random, norm gains included."""
+    ours = Transformer(ModelArgs(**_args(tie_embeddings=tied))).init_weights(seed, std=0.08)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    return ours
+
+
+def _weight_files(path):
+    return sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".index.json")))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_save_loads_in_transformers_and_back(tmp_path, tied):
+    from safetensors import safe_open
+    ours = _random_model(tied)
+    max_bytes = 40_000  # the 300 x 64 fp32 embedding (76.8 kB) is larger: it must get a shard of its own
+    save_model(ours, tmp_path, max_shard_size=max_bytes)
+    files = _weight_files(tmp_path)
+    shards = [f for f in files if f.endswith(".safetensors")]
+    n = len(shards)
+    assert n > 2 and files == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)] + ["model.safetensors.index.json"]
+
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    state = {k: v for k, v in ours.state_dict().items() if not (tied and k == "output.weight")}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert len(index["weight_map"]) == len(state) and set(index["weight_map"].values()) == set(shards)
+    for shard in shards:  # every tensor whole, in the shard the index names; a shard over the limit holds one tensor
+        with safe_open(tmp_path / shard, framework="pt") as st:
+            keys = list(st.keys())
+            assert keys and all(index["weight_map"][k] == shard for k in keys)
+            size = sum(st.get_tensor(k).numel() * 4 for k in keys)
+            assert size <= max_bytes or len(keys) == 1
+    # the model's order: the embedding is in the first shard, the final norm in the last
+    assert index["weight_map"]["model.embed_tokens.weight"] == shards[0]
+    assert index["weight_map"]["model.norm.weight"] in shards[-2:]
+
+    x = tokens(seed=7)
+    ref = transformers.MistralForCausalLM.from_pretrained(tmp_path).eval()
+    again = load_model(tmp_path)
+    with torch.no_grad():
+        assert (ours(x) - hf_logits(ref, x)).abs().max() < 1e-4
+        assert torch.equal(again(x), ours(x))
+    if tied:
+        assert again.output.weight is again.tok_embeddings.weight
+
+
+def test_save_is_deterministic_and_one_file_below_the_limit(tmp_path):
+    ours = _random_model()
+    save_model(ours, tmp_path / "a", max_shard_size="50KB")
+    save_model(ours, tmp_path / "b", max_shard_size=50_000)
+    for f in _weight_files(tmp_path / "a"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    save_model(ours, tmp_path / "c")  # the default, 5GB
+    assert _weight_files(tmp_path / "c") == ["model.safetensors"]
+
+
+def test_save_replaces_the_other_layout(tmp_path):
+    """Saving into a folder that holds an earlier save leaves only the new layout: a stale index would
+    point load_model and transformers at stale shards."""
+    a, b = _random_model(seed=3), _random_model(seed=4)
+    x = tokens(seed=8)
+    save_model(a, tmp_path, max_shard_size="40KB")
+    (tmp_path / "tokenizer.model").write_bytes(b"kept")  # not a weight file: left alone
+    save_model(b, tmp_path)
+    assert _weight_files(tmp_path) == ["model.safetensors"] and (tmp_path / "tokenizer.model").exists()
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(x), b(x))
+    save_model(a, tmp_path, max_shard_size="40KB")
+    assert "model.safetensors" not in _weight_files(tmp_path)
+    save_model(b, tmp_path, max_shard_size="100KB")  # fewer shards than before: no leftover from the 40KB save
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        named = set(json.load(f)["weight_map"].values())
+    assert set(_weight_files(tmp_path)) == named | {"model.safetensors.index.json"}
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(x), b(x))
+
+
+def test_parse_size():
+    from model import parse_size
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 500 * 10**6
+    assert parse_size("60kb") == 60_000 and parse_size("2GiB") == 2 * 2**30 and parse_size("1.5 MB") == 1_500_000
+    assert parse_size(123) == 123 and parse_size("123") == 123
+    for bad in ["5 GBs", "GB", "-1MB", "0", 0, True, None]:
+        with pytest.raises(ValueError, match="max_shard_size"):
+            parse_size(bad)
 
 
 def _half_to_interleaved(w, n_heads):
@@ -264,3 +356,4 @@ def test_rejects_missing_shard(tmp_path):
     os.remove(tmp_path / shard)
     with pytest.raises(FileNotFoundError, match=shard):
         load_model(tmp_path)
+
