@@ -14,7 +14,8 @@ Checkpoints: Hugging Face folders (config.json + model.safetensors, or shards li
 model.safetensors.index.json; model_type "mistral" or "llama") and Mistral's native folders
 (params.json + consolidated.safetensors) load; save_model writes the Hugging Face layout, in
 5 GB shards as transformers does, so a trained model goes straight to transformers, lm-eval or
-vLLM. This file needs only torch and safetensors.
+vLLM. A damaged file (truncated, not safetensors, JSON that does not parse) is reported with its
+path and the reason. This file needs only torch and safetensors.
 """
 import json
 import math
@@ -307,12 +308,36 @@ def _interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def _read_json(path) -> dict:
+    """A JSON object from a checkpoint folder; a file that does not parse is named with the line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _read_safetensors(files, rename, dtype, device):
     """Yield (file, our name, its name in the file, tensor) from safetensors files, one tensor at a time, so that casting a 7B
     checkpoint to another dtype never holds two copies of it."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     for f in files:
-        with safe_open(f, framework="pt", device="cpu") as st:
+        # safetensors' own messages ("incomplete metadata, file not fully covered") do not say which
+        # file of a sharded checkpoint is bad; the header is parsed and checked against the file size
+        # when it is opened, so that is where a truncated or foreign file shows up
+        try:
+            st = safe_open(f, framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e}); a truncated file, as an interrupted "
+                             "copy or download leaves it, or a file in another format reads this way") from None
+        except OSError as e:
+            raise OSError(f"{f}: cannot read the file ({e})") from None
+        with st:
             for key in st.keys():
                 name = rename(key)
                 yield f, name, key, st.get_tensor(key).to(device=device, dtype=dtype)
@@ -326,13 +351,13 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     path = str(path)
     if os.path.exists(os.path.join(path, "config.json")):
         src = os.path.join(path, "config.json")
-        with open(src) as f:
-            args = ModelArgs.from_hf(json.load(f), src)
+        args = ModelArgs.from_hf(_read_json(src), src)
         index = os.path.join(path, INDEX_NAME)
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            files = [os.path.join(path, f) for f in files]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
         else:
             files = [os.path.join(path, "model.safetensors")]
         ours = {hf_name(n): n for n in _param_names(args)}
@@ -340,8 +365,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
         permute = None
     elif os.path.exists(os.path.join(path, "params.json")):
         src = os.path.join(path, "params.json")
-        with open(src) as f:
-            args = ModelArgs.from_mistral(json.load(f), src)
+        args = ModelArgs.from_mistral(_read_json(src), src)
         files = [os.path.join(path, "consolidated.safetensors")]
         rename = lambda key: key
         permute = {"wq": args.n_heads, "wk": args.n_kv_heads}

@@ -354,6 +354,69 @@ def test_rejects_missing_shard(tmp_path):
     hf_model().save_pretrained(tmp_path, max_shard_size="60KB")
     shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[0]
     os.remove(tmp_path / shard)
-    with pytest.raises(FileNotFoundError, match=shard):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / shard))):
         load_model(tmp_path)
 
+
+# A damaged file is named with its path, not only with the reason safetensors or json gives.
+
+def _cut_in_half(f):
+    raw = f.read_bytes()
+    f.write_bytes(raw[:len(raw) // 2])
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (_cut_in_half, "file not fully covered"),                     # an interrupted copy or download
+    (lambda f: f.write_bytes(b""), "header too small"),           # a copy that never started
+    (lambda f: f.write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8,
+                                           generator=torch.Generator().manual_seed(0)).numpy().tobytes()), "header"),
+    (lambda f: torch.save({"w": torch.zeros(3)}, f), "header"),  # a PyTorch pickle under the safetensors name
+])
+def test_damaged_safetensors_file_is_named(good, damage, reason):
+    damage(good / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(str(good / "model.safetensors")) + r": not a readable safetensors file \(.*" + reason):
+        load_model(good)
+
+
+def test_damaged_shard_is_named(tmp_path):
+    hf_model().save_pretrained(tmp_path, max_shard_size="60KB")
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1]
+    _cut_in_half(tmp_path / shard)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / shard)) + ": not a readable safetensors file"):
+        load_model(tmp_path)
+
+
+def test_unreadable_weight_file_is_named(good):
+    os.remove(good / "model.safetensors")
+    os.mkdir(good / "model.safetensors")  # exists, but is no file to read
+    with pytest.raises(OSError, match=re.escape(str(good / "model.safetensors")) + ": cannot read"):
+        load_model(good)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "params.json"])
+def test_json_syntax_error_is_named_with_line_and_column(tmp_path, name):
+    ref = hf_model()
+    if name == "params.json":
+        _mistral_native_folder(ref, tmp_path)
+    else:
+        ref.save_pretrained(tmp_path, max_shard_size="60KB")
+    text = json.dumps(json.loads((tmp_path / name).read_text()), indent=2)
+    (tmp_path / name).write_text(text[:-2] + ",\n}\n")  # a trailing comma: the commonest hand-edit mistake
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / name)) + r": not valid JSON \(.* at line \d+, column \d+\)"):
+        load_model(tmp_path)
+
+
+def test_config_that_is_not_an_object_or_not_text(good):
+    (good / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=re.escape(str(good / "config.json")) + ": expected a JSON object, got list"):
+        load_model(good)
+    (good / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=re.escape(str(good / "config.json")) + ": not valid JSON"):
+        load_model(good)
+
+
+def test_index_without_a_weight_map_is_named(tmp_path):
+    hf_model().save_pretrained(tmp_path, max_shard_size="60KB")
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "model.safetensors.index.json")) + ": 'weight_map'"):
+        load_model(tmp_path)
