@@ -398,6 +398,199 @@ def demo_tokenizer(chats, out_dir, vocab_size=320):
     return Tokenizer(path)
 
 # -----------------------------------------------------------------------------
+# converting the common SFT layouts (ShareGPT, Alpaca) into chat JSONL
+#
+# A converted record is checked by _check_messages, the same check load_chats applies, so what
+# convert writes always loads. What cannot become a valid chat goes to the rejected file with its
+# line and the reason, named in the input's own fields (conversations[3].from, not messages[3].role).
+
+CONVERT_LAYOUTS = ("sharegpt", "alpaca", "messages")
+# ShareGPT's speakers; dumps also spell them "user"/"assistant", and the original ShareGPT "chatgpt"
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
+                  "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant"}
+
+
+class _Reject(Exception):
+    """A record that cannot become a chat: (field or None, problem[, the text of a line that is not JSON])."""
+
+
+def _from_sharegpt(record):
+    """(messages, fields): fields[i] names where turn i came from, as (turn, role field, content field).
+    An optional top-level "system" string becomes the system turn."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _Reject("conversations", "missing or null" if turns is None else "must be a non-empty list of turns")
+    messages, fields = [], []
+    if record.get("system") is not None:
+        messages.append({"role": "system", "content": record["system"]})
+        fields.append(("system",) * 3)
+    for j, turn in enumerate(turns):
+        where = f"conversations[{j}]"
+        if not isinstance(turn, dict):
+            raise _Reject(where, f"must be an object with from and value, got {type(turn).__name__}")
+        speaker = turn.get("from")
+        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise _Reject(f"{where}.from", "missing or null" if speaker is None else
+                          f"unknown speaker {speaker!r} (expected one of {tuple(SHAREGPT_ROLES)})")
+        messages.append({"role": role, "content": turn.get("value")})
+        fields.append((where, f"{where}.from", f"{where}.value"))
+    return messages, fields
+
+
+def _from_alpaca(record):
+    """(messages, fields): instruction, and input after a blank line when there is one, become the
+    user turn; output the assistant turn; an optional "system" the system turn."""
+    instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
+    if extra is not None and not isinstance(extra, str):
+        raise _Reject("input", f"must be a string, got {type(extra).__name__}")
+    if isinstance(instruction, str) and instruction.strip() and extra and extra.strip():
+        user = f"{instruction}\n\n{extra}"
+    else:
+        user = instruction  # a missing, empty or non-string instruction is reported by the check
+    messages, fields = [], []
+    if record.get("system") is not None:
+        messages.append({"role": "system", "content": record["system"]})
+        fields.append(("system",) * 3)
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    fields += [("instruction",) * 3, ("output",) * 3]
+    return messages, fields
+
+
+def _from_messages(record):
+    """(messages, fields) of our own layout: turns keep only role and content."""
+    turns = record.get("messages")
+    if not isinstance(turns, list):
+        return turns, []  # the check names it
+    messages = [{"role": t.get("role"), "content": t.get("content")} if isinstance(t, dict) else t for t in turns]
+    return messages, [(f"messages[{i}]", f"messages[{i}].role", f"messages[{i}].content") for i in range(len(turns))]
+
+
+_CONVERTERS = {"sharegpt": _from_sharegpt, "alpaca": _from_alpaca, "messages": _from_messages}
+_LIST_FIELD = {"sharegpt": "conversations", "alpaca": None, "messages": "messages"}
+
+
+def _to_chat(record, layout, first_turn=False):
+    """A record of the given layout as a chat {"messages": [...]}, or raise _Reject(field, problem).
+
+    first_turn keeps the optional system turn and the first user/assistant exchange, as SPIN and
+    SPACE use UltraChat; the turns after it are not checked, since they are not kept. An empty system
+    prompt, as some dumps carry in every record, is no system prompt: it is left out."""
+    if not isinstance(record, dict):
+        raise _Reject(None, f"not a JSON object (got {type(record).__name__})")
+    messages, fields = _CONVERTERS[layout](record)
+    first = messages[0] if isinstance(messages, list) and messages else None
+    if isinstance(first, dict) and first["role"] == "system" and isinstance(first["content"], str) and not first["content"].strip():
+        messages, fields = messages[1:], fields[1:]
+    if first_turn and isinstance(messages, list) and messages:
+        keep = 3 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 2
+        messages, fields = messages[:keep], fields[:keep]
+    problem = _check_messages(messages, last_role="assistant")
+    if problem:
+        field, why = problem
+        # messages[i], messages[i].role, messages[i].content -> the input's own field
+        m = re.fullmatch(r"messages\[(\d+)\](?:\.(role|content))?", field)
+        if m:
+            field = fields[int(m[1])][(None, "role", "content").index(m[2])]
+        elif field == "messages":
+            field = _LIST_FIELD[layout]
+        raise _Reject(field, why)
+    return {"messages": messages}
+
+
+def rejected_path(out_path):
+    """Where convert writes what it rejects: OUT with a .jsonl suffix removed, plus .rejected.jsonl
+    (chats.jsonl -> chats.rejected.jsonl; chats -> chats.rejected.jsonl)."""
+    return out_path.removesuffix(".jsonl") + ".rejected.jsonl"
+
+
+def _input_records(path):
+    """Yield (where, location, record) for every record of a JSONL file or a JSON array; a line that is
+    not JSON yields a _Reject in place of the record.
+
+    The format is told by the first non-space character: "[" starts a JSON array, read whole, whose
+    records are located by their index ({"record": i}); anything else is JSONL, read line by line
+    ({"line": n}; blank lines hold no record and are skipped, but keep their numbers). A JSON array that does not parse is one error
+    for the whole file: no record of it can be trusted."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                array = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else e.reason
+            raise ValueError(f"{path}: not a valid JSON array ({why})") from None
+        for i, record in enumerate(array):
+            yield f"{path}: record {i}", {"record": i}, record
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where, location = f"{path}:{n}", {"line": n}
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield where, location, _Reject(None, f"not valid UTF-8 ({e.reason} at byte {e.start})",
+                                               raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, location, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, location, _Reject(None, f"not valid JSON ({e.msg} at column {e.colno})", line.rstrip("\r\n"))
+
+
+def convert(in_path, out_path, layout, first_turn=False):
+    """Convert a ShareGPT, Alpaca or chat file (JSONL or a JSON array) to chat JSONL at out_path.
+
+    Every record lands in one of two files: the chat at out_path, or, at rejected_path(out_path), a
+    line {"line": n (or "record": i), "reason": "field: problem", "input": the record, or the text of
+    a line that is not JSON}. Prints the counts and the first reasons; returns (read, written,
+    rejected). Both files are written under temporary names and renamed at the end, so a failed
+    run leaves no half-written file."""
+    if layout not in _CONVERTERS:
+        raise ValueError(f"unknown layout {layout!r} (expected one of {CONVERT_LAYOUTS})")
+    bad_path = rejected_path(out_path)
+    if os.path.abspath(in_path) in (os.path.abspath(out_path), os.path.abspath(bad_path)):
+        raise ValueError(f"{in_path}: the output would overwrite the input")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    read = written = rejected = 0
+    shown = []
+    try:
+        with open(f"{out_path}.tmp", "w", encoding="utf-8") as out, open(f"{bad_path}.tmp", "w", encoding="utf-8") as bad:
+            for where, location, record in _input_records(in_path):
+                read += 1
+                try:
+                    if isinstance(record, _Reject):
+                        raise record
+                    chat = _to_chat(record, layout, first_turn)
+                except _Reject as e:
+                    field, why, *text = e.args  # a line that is not JSON comes with its text
+                    reason = f"{field}: {why}" if field else why
+                    entry = {**location, "reason": reason, "input": text[0] if text else record}
+                    bad.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    rejected += 1
+                    if len(shown) < 5:
+                        shown.append(f"{where}: {reason}")
+                    continue
+                out.write(json.dumps(chat, ensure_ascii=False) + "\n")
+                written += 1
+    except BaseException:
+        for tmp in (f"{out_path}.tmp", f"{bad_path}.tmp"):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    os.replace(f"{out_path}.tmp", out_path)
+    os.replace(f"{bad_path}.tmp", bad_path)
+    print(f"{in_path}: read {read}, written {written} to {out_path}, rejected {rejected} to {bad_path}")
+    for line in shown:
+        print(f"  rejected {line}", file=sys.stderr)
+    if rejected > len(shown):
+        print(f"  ... and {rejected - len(shown)} more in {bad_path}", file=sys.stderr)
+    return read, written, rejected
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -439,7 +632,8 @@ def check(path, tokenizer_file=None, max_prompt=512, max_length=1024):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check dataset files, or write the built-in demo task.")
+    parser = argparse.ArgumentParser(description="Check dataset files, convert other SFT layouts to chat JSONL, "
+                                                 "or write the built-in demo task.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("check", help="validate a chat or self-play JSONL file and print its statistics")
     p.add_argument("file", help="chat JSONL ({'messages': [...]} a line) or self-play JSONL")
@@ -449,6 +643,16 @@ def main(argv=None):
     p = commands.add_parser("demo", help="write the demo task as chat JSONL plus its tokenizer")
     p.add_argument("out_dir", help="writes train.jsonl, selfplay.jsonl, test.jsonl and tokenizer.model here")
     p.add_argument("--seed", type=int, default=0, help="the splits are a function of the seed")
+    p = commands.add_parser("convert", help="turn ShareGPT, Alpaca or chat records (JSONL or a JSON array) into chat JSONL",
+                            description="Records that cannot become a valid chat go, each with its line (or array "
+                                        "index) and the reason, to OUT.rejected.jsonl: chats.jsonl -> chats.rejected.jsonl.")
+    p.add_argument("input", metavar="IN", help="JSONL, one record a line, or a JSON array of records (told apart by the first character)")
+    p.add_argument("output", metavar="OUT", help="chat JSONL to write ({'messages': [...]} a line)")
+    p.add_argument("--from", dest="layout", required=True, choices=CONVERT_LAYOUTS,
+                   help="sharegpt: {'conversations': [{'from': 'human'|'gpt'|'system', 'value'}]}; "
+                        "alpaca: {'instruction', 'input', 'output'}; messages: our own layout, checked and cleaned")
+    p.add_argument("--first-turn", action="store_true",
+                   help="keep only the system turn (if any) and the first user/assistant exchange, as SPIN and SPACE use UltraChat")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -458,6 +662,15 @@ def main(argv=None):
         tokenizer = demo_tokenizer(splits["train"], args.out_dir)
         print(f"{args.out_dir}: " + ", ".join(f"{len(c)} {n}" for n, c in splits.items()) + f", vocab {tokenizer.vocab_size}")
         return 0
+    if args.command == "convert":
+        try:
+            _, written, _ = convert(args.input, args.output, args.layout, args.first_turn)
+        except (ValueError, OSError) as e:  # a JSON array that does not parse, or a missing file
+            print(e, file=sys.stderr)
+            return 1
+        if not written:
+            print(f"{args.input}: no record became a chat; is --from {args.layout} its layout?", file=sys.stderr)
+        return 0 if written else 1
     try:
         check(args.file, args.tokenizer, args.max_prompt, args.max_length)
     except (ValueError, OSError) as e:  # a bad line (named path:line) or a missing file: exit 1
