@@ -36,6 +36,8 @@ PORT = [29517]
 
 
 def run_train(out, *extra, nproc=1, check=True, popen=False):
+    """Run train.py on the smoke preset with RECIPE; popen: start it and return (its output goes to
+    OUT.log, where no unread pipe can fill up and stall it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [TRAIN, "--preset", "smoke", *RECIPE, "--out", str(out), *extra]
     if nproc == 1:
@@ -45,23 +47,43 @@ def run_train(out, *extra, nproc=1, check=True, popen=False):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(PORT[0]), *cmd]
     if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
+        return subprocess.Popen(cmd, stdout=open(f"{out}.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check and res.returncode != 0:
         raise AssertionError(f"train.py failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
 
 
+def descendants(pid):
+    """pid's child processes, their children, ... (torchrun's workers are not in its process group)."""
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
 def kill_when(proc, ready, what):
-    """SIGKILL the run (every process of it) as soon as ready() holds."""
+    """SIGKILL the run, every process of it at once, as soon as ready() holds."""
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if ready():
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in descendants(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             break
         time.sleep(0.002)
-    assert proc.wait() in (-signal.SIGKILL, 128 + signal.SIGKILL), f"the run ended before {what}"
+    assert proc.wait() == -signal.SIGKILL, f"the run ended before {what}"
 
 
 def metrics(out):
@@ -204,7 +226,8 @@ def test_sigkill_mid_training_resumes_with_another_number_of_ranks(reference, tm
               "iteration 1 had a checkpoint")
     assert not os.path.exists(os.path.join(tmp_path, "iter_2"))
     res = run_train(tmp_path, *theta0(reference), "--ckpt-every", "2", "--resume", nproc=after)
-    assert "resumed from" in res.stdout and "iter 1, step " in res.stdout
+    resumed = [line for line in res.stdout.splitlines() if line.startswith("resumed from")]
+    assert len(resumed) == 1 and ": iter 1, step " in resumed[0], res.stdout[:2000]
     assert_close_run(tmp_path, reference[0])
 
 
@@ -234,29 +257,38 @@ def test_exported_checkpoint_loads_in_transformers(reference):
 
 
 def test_bf16_generation_copy(reference):
-    """--bf16 generates from a bf16 copy with a bf16 cache, outside autocast; on the smoke model its
-    greedy replies are the fp32 copy's."""
+    """--bf16 generates from a bf16 copy with a bf16 cache, outside autocast. Its greedy replies are
+    the fp32 model's, except where fp32's two best tokens are closer than bf16 can tell apart."""
     out, _ = reference
-    model = load_model(os.path.join(out, "iter_2"))
-    tok = data.Tokenizer(os.path.join(out, "iter_2", "tokenizer.model"))
-    cfg = SimpleNamespace(bf16=True, pad_id=tok.pad_id, score_tokens=1024)
-    policy, _ = train.opponent(model, cfg, 1, torch.device("cpu"))
-    assert {p.dtype for p in policy.parameters()} == {torch.bfloat16} and not torch.is_autocast_enabled()
-    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the master weights stay fp32
+    tok = data.Tokenizer(os.path.join(out, "iter_0", "tokenizer.model"))
     chats = data.demo_splits(0, 0, 0, 32)["test"]
     ids = [data.encode_prompt(tok, data.split_chat(c["messages"])[0], 48)[0] for c in chats]
-    cache_dtypes = []
-    original = sample.KVCache.__init__
+    for t in (0, 2):
+        model = load_model(os.path.join(out, f"iter_{t}"))
+        cfg = SimpleNamespace(bf16=True, pad_id=tok.pad_id, score_tokens=1024)
+        policy, _ = train.opponent(model, cfg, 1, torch.device("cpu"))
+        assert {p.dtype for p in policy.parameters()} == {torch.bfloat16} and not torch.is_autocast_enabled()
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # the master weights stay fp32
+        cache_dtypes = []
+        original = sample.KVCache.__init__
 
-    def spy(self, *a, **k):
-        original(self, *a, **k)
-        cache_dtypes.append(self.k.dtype)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sample.KVCache, "__init__", spy)
-        low = sample.generate(policy, ids, 24, temperature=0.0, eos_id=tok.eos_id)
-    assert cache_dtypes == [torch.bfloat16]
-    high = sample.generate(model, ids, 24, temperature=0.0, eos_id=tok.eos_id)
-    assert low == high
+        def spy(self, *a, **k):
+            original(self, *a, **k)
+            cache_dtypes.append(self.k.dtype)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sample.KVCache, "__init__", spy)
+            low = sample.generate(policy, ids, 24, temperature=0.0, eos_id=tok.eos_id)
+        assert cache_dtypes == [torch.bfloat16]
+        high = sample.generate(model, ids, 24, temperature=0.0, eos_id=tok.eos_id)
+        if t == 0:
+            assert low == high  # the SFT model: every reply the same
+        differ = [(p, a, b) for p, a, b in zip(ids, low, high) if a != b]
+        assert len(differ) <= len(ids) // 4
+        for p, a, b in differ:  # the smoke model, barely trained, has near-ties: a bf16 rounding flips them
+            i = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+            with torch.no_grad():
+                z = model(torch.tensor([p + b[:i]]))[0, -1]
+            assert z[b[i]] - z[a[i]] < 0.01 * z[b[i]].abs()
 
 
 def test_bf16_autocast_and_activation_checkpointing_run(reference, tmp_path):
