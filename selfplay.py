@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from parallel import from_rank0
 from sample import generate
 from space import sequence_logprobs
 
@@ -72,17 +73,7 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Distributed helpers: rank 0 decides, every rank follows
-
-
-def from_rank0(fn):
-    """fn() evaluated on rank 0 only and handed to every rank. Decisions that read the filesystem
-    (is there a checkpoint? which parts exist?) are made once, so ranks on different nodes cannot
-    disagree and split, and data read once is not read again by every rank."""
-    value = [fn() if not dist.is_initialized() or dist.get_rank() == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(value, src=0)
-    return value[0]
+# Chunks of work over the ranks
 
 
 def chunked(items, size):

@@ -358,14 +358,14 @@ def test_rank0_broadcast_loading_gives_the_same_shards(tmp_path):
         import sys, torch
         sys.path.insert(0, {ROOT!r})
         from types import SimpleNamespace
-        import train
+        import parallel, train
         from model import load_model
         cfg = SimpleNamespace(model={str(tmp_path / "m")!r}, activation_checkpointing=False, bf16=False,
                               shard_size=0, dist_timeout=5)
-        rank, world, device, mesh = train.setup_distributed(cfg)
+        rank, world, device, mesh = parallel.setup_distributed(cfg)
         ours = train.build_model(cfg, None, rank, world, device, mesh)
         cfg.model = None
-        today = train.parallelize(load_model({str(tmp_path / "m")!r}), cfg, world, device, mesh)
+        today = parallel.parallelize(load_model({str(tmp_path / "m")!r}), cfg, world, device, mesh)
         a, b = ours.state_dict(), today.state_dict()
         assert a.keys() == b.keys()
         for k in a:
