@@ -28,8 +28,8 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # the tokenizer
 
-BOS, EOS = "<s>", "</s>"  # how text writes the two special tokens (Mistral's piece names)
-_SPECIAL = re.compile("(<s>|</s>)")
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"  # how text writes the special tokens (Mistral's piece names)
+_SPECIAL = re.compile("(<s>|</s>|<unk>)")
 
 # The serialized model plus these four bytes is the same model with add_dummy_prefix = false.
 # In protobuf's wire format they read: ModelProto field 3 (normalizer_spec, length 2) holding
@@ -39,51 +39,61 @@ _NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
 
 
 class Tokenizer:
-    """sentencepiece, plus the two special tokens that the chat template writes as text.
+    """sentencepiece, plus the special tokens that the chat template writes as text.
 
     The trap: sentencepiece with add_dummy_prefix (Mistral's model has it) encodes every string as
-    if it began with a space, "Hi" -> "▁Hi". Encoding the text between special tokens piece by
-    piece with it would put a space after every "</s>" that the text does not have. The rule here,
-    as sentencepiece and HF's non-legacy Llama tokenizer have it: text at the start of a document
-    (the start, or right after <s>) gets the dummy space; text that continues (after </s>, or a
-    response after its prompt: continuation=True) gets none. decode mirrors encode, so
-    decode(encode(x)) == x and decode(encode(x, continuation=True), continuation=True) == x.
+    if it began with a space, "Hi" -> "▁Hi". Text is encoded piece by piece between the special
+    tokens, so which pieces get that dummy space is a choice, and transformers' Llama tokenizers make
+    it with the `legacy` flag of a checkpoint's tokenizer_config.json:
+    - legacy=False, sentencepiece's own rule: text at the start of a document (the start, or right
+      after <s>) gets the dummy space; text that continues (after </s>, or a response after its
+      prompt: continuation=True) gets none.
+    - legacy=True, as Mistral-7B's and zephyr's tokenizers are published: text after any special
+      token gets it too, so "</s>\\n" is "</s>", "▁", "<0x0A>".
+    A model must see the ids it was trained on, so Tokenizer(path) follows the transformers files
+    beside path (tokenizer.json, tokenizer_config.json: see _legacy_setting), and raises where they
+    ask for what it cannot reproduce; with none there it uses sentencepiece's rule; legacy=True/False
+    overrides both. decode mirrors encode, so decode(encode(x)) == x and
+    decode(encode(x, continuation=True), continuation=True) == x.
     """
 
-    def __init__(self, model_file):
+    def __init__(self, model_file, legacy=None):
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.sp_continue = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{model_file}: the tokenizer needs a BOS and an EOS piece")
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.special = {BOS: self.bos_id, EOS: self.eos_id, UNK: self.unk_id}  # as transformers reads them in text
+        if any(i < 0 or self.sp.id_to_piece(i) != s for s, i in self.special.items()):
+            raise ValueError(f"{model_file}: the tokenizer needs the pieces {UNK}, {BOS} and {EOS}")
         # Mistral's model has no pad piece. Padding sits after the real tokens (right padding under a
         # causal mask) and is masked out of every loss, so any id would do: we use EOS.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.vocab_size = self.sp.vocab_size()
+        self.legacy = _legacy_setting(self, os.path.dirname(os.path.abspath(model_file))) if legacy is None else legacy
 
     def encode(self, text, bos=False, continuation=False):
-        """Token ids of text; "<s>" and "</s>" inside it become the BOS and EOS ids."""
+        """Token ids of text; "<s>", "</s>" and "<unk>" inside it become their ids."""
         ids = [self.bos_id] if bos else []
         at_start = not continuation
         for part in _SPECIAL.split(text):  # text, special, text, special, ..., text
-            if part in (BOS, EOS):
-                ids.append(self.bos_id if part == BOS else self.eos_id)
-                at_start = part == BOS
+            if part in self.special:
+                ids.append(self.special[part])
+                at_start = part == BOS or self.legacy
             elif part:
                 ids.extend((self.sp if at_start else self.sp_continue).encode(part))
         return ids
 
     def decode(self, ids, continuation=False):
-        """Text of ids, the inverse of encode with the same continuation flag; BOS/EOS come back as <s>/</s>."""
+        """Text of ids, the inverse of encode with the same continuation flag; special ids come back as text."""
+        text_of = {i: s for s, i in self.special.items()}
         out, run, at_start = [], [], not continuation
         for i in [int(i) for i in ids] + [None]:  # None flushes the last run of ordinary tokens
-            if i is None or i in (self.bos_id, self.eos_id):
+            if i is None or i in text_of:
                 if run:  # at a document start, sentencepiece drops the dummy space the encoder added
                     out.append((self.sp if at_start else self.sp_continue).decode(run))
                 run = []
                 if i is not None:
-                    out.append(BOS if i == self.bos_id else EOS)
-                    at_start = i == self.bos_id
+                    out.append(text_of[i])
+                    at_start = i == self.bos_id or self.legacy
             else:
                 run.append(i)
         return "".join(out)
@@ -148,6 +158,104 @@ def decode_response(tokenizer, ids):
     if tokenizer.eos_id in ids:
         ids = ids[:ids.index(tokenizer.eos_id)]
     return tokenizer.decode(ids, continuation=True)
+
+# -----------------------------------------------------------------------------
+# transformers' tokenizer files: those a checkpoint comes with decide `legacy`
+
+NORMAL, USER_DEFINED, BYTE = 1, 4, 6  # sentencepiece's piece types (ModelProto.SentencePiece.Type)
+
+
+def _piece_types(tok):
+    """The type of every piece, read from the serialized model in protobuf's wire format: each
+    ModelProto field 1 is a piece, whose field 3 is its type (NORMAL when absent). sentencepiece's
+    Python API tells control, unknown, unused and byte pieces apart, but not user-defined ones."""
+    def fields(buf):  # (field number, value) of each field of one message
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            if key & 7 == 0:
+                value, i = varint(buf, i)
+            elif key & 7 == 2:
+                n, i = varint(buf, i)
+                value, i = buf[i:i + n], i + n
+            else:  # 1: 64-bit, 5: 32-bit (the score)
+                value, i = None, i + (8 if key & 7 == 1 else 4)
+            yield key >> 3, value
+
+    def varint(buf, i):
+        value = shift = 0
+        while True:
+            value, shift, i = value | (buf[i] & 0x7F) << shift, shift + 7, i + 1
+            if buf[i - 1] < 0x80:
+                return value, i
+    pieces = (value for field, value in fields(tok.sp.serialized_model_proto()) if field == 1)
+    return [dict(fields(piece)).get(3, NORMAL) for piece in pieces]
+
+
+# sentencepiece's dummy space as a normalizer of the tokenizers library. _PREPEND puts it before each
+# piece of text that the added tokens cut out before normalizing: after every special token, as under
+# legacy (Mistral-7B's own tokenizer.json). _AT_START puts it only at the start of such a piece and
+# not before "</s>" or "<unk>", which are then matched after normalizing rather than before: at the
+# start of the text and after <s> only, as without legacy (\A is the start of the text; ^ of a line).
+_PREPEND = {"type": "Prepend", "prepend": "▁"}
+_AT_START = {"type": "Replace", "pattern": {"Regex": "\\A(?!</s>|<unk>)"}, "content": "▁"}
+
+
+def _legacy_setting(tok, folder):
+    """The `legacy` setting that the transformers files in folder ask for; False where there are none.
+
+    tokenizer.json is what transformers runs for a Mistral checkpoint: its normalizer (above) or its
+    pre-tokenizer (Metaspace, transformers' own spelling) places the dummy space. tokenizer_config.json's
+    flag is what transformers builds a tokenizer from without tokenizer.json, and in version 5 for
+    model_type llama. Where both exist they must agree, since which one wins depends on the version."""
+    config_file, json_file = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "tokenizer.json")
+    config = None
+    if os.path.exists(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.get("add_bos_token") is False:
+            raise ValueError(f"{config_file}: add_bos_token is false, but every sequence here starts with {BOS}")
+    flag = (config or {}).get("legacy")
+    if not os.path.exists(json_file):
+        if config is not None and not isinstance(flag, bool):
+            raise ValueError(f"{config_file}: no `legacy` setting, and transformers versions disagree on its "
+                             "default; add \"legacy\": true or false, as the model was trained")
+        return bool(flag)
+    with open(json_file, encoding="utf-8") as f:
+        spec = json.load(f)
+    model, vocab = spec.get("model") or {}, {tok.sp.id_to_piece(i): i for i in range(tok.vocab_size)}
+    if model.get("type") != "BPE" or model.get("vocab") != vocab:
+        raise ValueError(f"{json_file}: not a BPE model with tokenizer.model's vocabulary")
+
+    def parts(x, key):  # a normalizer or pre-tokenizer, or the list of those in a Sequence
+        return [] if x is None else sum((parts(y, key) for y in x[key]), []) if key in x else [x]
+    normalizers = parts(spec.get("normalizer"), "normalizers")
+    pre_tokenizers = parts(spec.get("pre_tokenizer"), "pretokenizers")
+    schemes = [p.get("prepend_scheme") for p in pre_tokenizers if p.get("type") == "Metaspace"]
+    dummy_prefix = tok.sp.normalize("a") != "a"
+    if _PREPEND in normalizers or _AT_START in normalizers:
+        legacy = _PREPEND in normalizers
+    elif schemes and schemes[0] in ("always", "first"):
+        # transformers' own; the same on templated text, which neither starts with a space nor holds <s>
+        legacy = schemes[0] == "always"
+    elif dummy_prefix:
+        raise ValueError(f"{json_file}: it adds no dummy space, where tokenizer.model does")
+    else:  # no dummy space in either: both settings encode alike
+        legacy = bool(flag)
+    # added tokens are cut out of the text before anything else; data.py does that with the special ones,
+    # and sentencepiece keeps its user-defined pieces whole, which is the same where there is no dummy space
+    types = _piece_types(tok)
+    matched_late = {EOS, UNK} if _AT_START in normalizers else set()
+    for t in spec.get("added_tokens", []):
+        s, i = t["content"], t["id"]
+        known = tok.special.get(s) == i or (not dummy_prefix and 0 <= i < tok.vocab_size
+                                            and types[i] == USER_DEFINED and tok.sp.id_to_piece(i) == s)
+        if not known or t["normalized"] != (s in matched_late):
+            raise ValueError(f"{json_file}: added token {s!r} (id {i}) is not one that data.py reproduces")
+    if isinstance(flag, bool) and flag != legacy:
+        raise ValueError(f"{folder}: tokenizer_config.json says legacy={flag} but tokenizer.json encodes as "
+                         f"legacy={legacy}; transformers follows one or the other depending on its version")
+    return legacy
 
 # -----------------------------------------------------------------------------
 # dataset files: chat JSONL, self-play JSONL. Every bad line is reported as path:line: field: problem.
