@@ -479,12 +479,16 @@ def exact_match(prediction, reference):
 def demo_tokenizer(chats, out_dir, vocab_size=320):
     """Train a small BPE sentencepiece model on the chats' text, write out_dir/tokenizer.model, load it.
 
-    Built like Mistral's (BPE, digits split, dummy prefix, <unk>=0, <s>=1, </s>=2 as control symbols,
-    no pad), so the demo runs the same code paths as the real thing, but without byte fallback: its
-    256 byte pieces would crowd the merges out of a vocabulary this small, and the demo text needs
-    none (other characters become <unk>). The demo text supports about 300 pieces; vocab_size caps
+    Built like Mistral's (BPE, digits split, <unk>=0, <s>=1, </s>=2 as control symbols, no pad), so
+    the demo runs the same code paths as the real thing, but without byte fallback: its 256 byte
+    pieces would crowd the merges out of a vocabulary this small, and the demo text needs none
+    (other characters become <unk>). The demo text supports about 300 pieces; vocab_size caps
     them. The template's tags and "\\n" are user-defined symbols, kept whole and never merged with
     neighbours, so a response is split the same way whether or not its prompt is encoded with it.
+    No dummy prefix either: sentencepiece would put that space before the tag that starts the text
+    ("▁", "<|user|>"), which transformers' tokenizers cannot do, so exports would not tokenize as
+    training did; and it is the only dummy space the template would get, as every turn's text
+    follows a "\\n".
     Single-threaded on an ordered input, training is deterministic: the same chats give the same
     file, in well under a second."""
     texts = [render_chat(chat["messages"]).replace(EOS, "") for chat in chats]  # EOS is a control symbol, not text
@@ -492,7 +496,7 @@ def demo_tokenizer(chats, out_dir, vocab_size=320):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         hard_vocab_limit=False, character_coverage=1.0, byte_fallback=False, split_digits=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         user_defined_symbols=["<|system|>", "<|user|>", "<|assistant|>", "\n"],
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     os.makedirs(out_dir, exist_ok=True)

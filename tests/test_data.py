@@ -392,6 +392,7 @@ def test_demo_tokenizer(tmp_path):
     with open(tmp_path / "a" / "tokenizer.model", "rb") as a, open(tmp_path / "b" / "tokenizer.model", "rb") as b:
         assert a.read() == b.read()  # same chats, same model
     assert 200 < tok.vocab_size <= 320 and (tok.bos_id, tok.eos_id, tok.sp.unk_id()) == (1, 2, 0)
+    assert tok.encode("Add 2") == tok.encode("Add 2", continuation=True)  # no dummy space: see demo_tokenizer
     assert tok.encode("</s>") == [tok.eos_id] and tok.encode("<s>") == [tok.bos_id]
     for tag in ("<|user|>", "<|assistant|>", "<|system|>", "\n"):
         assert len(tok.encode(tag, continuation=True)) == 1
