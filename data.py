@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -109,6 +110,14 @@ def render_chat(messages, add_generation_prompt=False):
     return text + "<|assistant|>\n" if add_generation_prompt else text
 
 
+# render_chat in Jinja, for transformers' apply_chat_template, vLLM's chat endpoint and lm-eval's
+# --apply_chat_template. It writes bos_token first, as Llama-family templates do, since those
+# tokenize the rendered text without adding special tokens: the ids are then encode_prompt's.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
 def split_chat(messages):
     """(prompt_messages, real_response): the real response is the last assistant turn."""
     if not messages or messages[-1]["role"] != "assistant":
@@ -160,7 +169,66 @@ def decode_response(tokenizer, ids):
     return tokenizer.decode(ids, continuation=True)
 
 # -----------------------------------------------------------------------------
-# transformers' tokenizer files: those a checkpoint comes with decide `legacy`
+# transformers' tokenizer files. Those a checkpoint comes with decide `legacy`; every export carries
+# a full set, so transformers, vLLM and lm-eval tokenize and template as training did.
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def export_tokenizer(tokenizer_file, out_dir, source_dir=None, model_max_length=None):
+    """Write transformers' tokenizer files (TOKENIZER_FILES) into out_dir, beside an exported checkpoint.
+
+    With source_dir (the checkpoint that training started from) holding the same tokenizer.model,
+    its own files are copied unchanged (and its chat_template.jinja, if any) and only the missing
+    ones are written, except that a source without a chat template gets ours in its
+    tokenizer_config.json: the exported model was trained in it. Written files describe
+    Tokenizer(tokenizer_file), its legacy setting included. tokenizer.json is always there, so that
+    transformers need not convert tokenizer.model, which takes sentencepiece and protobuf (and
+    transformers 5 loses the dummy space doing it for model_type mistral). model_max_length: the
+    longest sequence the model takes; None writes transformers' "no limit", as Mistral-7B's does."""
+    tok = Tokenizer(tokenizer_file)
+    source = None
+    if source_dir is not None and os.path.exists(os.path.join(source_dir, "tokenizer.model")):
+        with open(tokenizer_file, "rb") as a, open(os.path.join(source_dir, "tokenizer.model"), "rb") as b:
+            same = a.read() == b.read()  # if not, the source's files describe another tokenizer: ignore them
+        if same and Tokenizer(os.path.join(source_dir, "tokenizer.model")).legacy != tok.legacy:
+            raise ValueError(f"{source_dir}: its tokenizer files ask for legacy={not tok.legacy}, "
+                             f"but {tokenizer_file} was read with legacy={tok.legacy}")
+        source = source_dir if same else None
+    pad = tok.sp.id_to_piece(tok.pad_id)
+    ours = {
+        "tokenizer_config.json": {
+            "tokenizer_class": "LlamaTokenizer", "bos_token": BOS, "eos_token": EOS, "unk_token": UNK,
+            "pad_token": pad, "add_bos_token": True, "add_eos_token": False, "legacy": tok.legacy,
+            "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
+            "model_max_length": int(1e30) if model_max_length is None else model_max_length},
+        "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": pad},
+        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    names = TOKENIZER_FILES + ("chat_template.jinja",)
+    copies = [name for name in names if source is not None and os.path.exists(os.path.join(source, name))]
+    for name in copies:  # read, then write: out_dir may be source_dir
+        with open(os.path.join(source, name), "rb") as f:
+            content = f.read()
+        if name == "tokenizer_config.json" and "chat_template" not in json.loads(content) \
+                and "chat_template.jinja" not in copies:
+            content = json.dumps({**json.loads(content), "chat_template": CHAT_TEMPLATE}, indent=2).encode()
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(content)
+    for name in TOKENIZER_FILES:
+        path = os.path.join(out_dir, name)
+        if name in copies:
+            continue
+        if name == "tokenizer.model":
+            if not (os.path.exists(path) and os.path.samefile(tokenizer_file, path)):
+                shutil.copyfile(tokenizer_file, path)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(_tokenizer_json(tok) if name == "tokenizer.json" else ours[name], f,
+                          indent=None if name == "tokenizer.json" else 2, ensure_ascii=False)
+
 
 NORMAL, USER_DEFINED, BYTE = 1, 4, 6  # sentencepiece's piece types (ModelProto.SentencePiece.Type)
 
@@ -256,6 +324,46 @@ def _legacy_setting(tok, folder):
         raise ValueError(f"{folder}: tokenizer_config.json says legacy={flag} but tokenizer.json encodes as "
                          f"legacy={legacy}; transformers follows one or the other depending on its version")
     return legacy
+
+
+def _tokenizer_json(tok):
+    """The `tokenizers` library's tokenizer.json that encodes as tok does, whatever the text.
+
+    sentencepiece's BPE repeatedly merges the adjacent pair that makes the best-scored piece; the
+    tokenizers library merges the pair that comes first in its list, so the list is sorted by score.
+    (transformers 5 sorts the merges it converts from tokenizer.model by id instead, which splits runs
+    of spaces differently: another reason to write this file.) The dummy space is _PREPEND or _AT_START."""
+    pieces, types = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)], _piece_types(tok)
+    dummy_prefix = tok.sp.normalize("a") != "a"
+    if dummy_prefix and USER_DEFINED in types:  # the demo tokenizer has no dummy space for this reason
+        raise ValueError("transformers cannot put sentencepiece's dummy space in front of a user-defined "
+                         "piece, and this tokenizer.model has both")
+    normal = {p: i for i, p in enumerate(pieces) if types[i] == NORMAL}
+    merges = sorted((-tok.sp.get_score(i), i, k, p[:k], p[k:]) for p, i in normal.items()
+                    for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal)
+    dummy = ([_PREPEND] if tok.legacy else [_AT_START]) if dummy_prefix else []
+    added = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": dummy == [_AT_START] and p in (EOS, UNK), "special": p in tok.special}
+             for i, p in enumerate(pieces) if p in tok.special or types[i] == USER_DEFINED]
+    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+    space = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": dummy + [space]}, "pre_tokenizer": None,
+        "post_processor": {  # BOS first, as add_bos_token says
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {BOS: {"id": BOS, "ids": [tok.bos_id], "tokens": [BOS]}}},
+        "decoder": {"type": "Sequence", "decoders": [  # the dummy space is stripped, as sentencepiece does
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+            *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy_prefix else [])]},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": BYTE in types,
+            "ignore_merges": False, "vocab": {p: i for i, p in enumerate(pieces)},
+            "merges": [[a, b] for _, _, _, a, b in merges]},
+    }
 
 # -----------------------------------------------------------------------------
 # dataset files: chat JSONL, self-play JSONL. Every bad line is reported as path:line: field: problem.
