@@ -1,10 +1,13 @@
 """
-Data for self-play fine-tuning: the tokenizer, the zephyr chat template, the two JSONL formats
-(chats and self-play samples) with their validation, batching, and a small built-in task.
+Data for self-play fine-tuning: the tokenizer (encoding exactly as the checkpoint's transformers
+tokenizer does, and the tokenizer files every export carries), the zephyr chat template, the two
+JSONL formats (chats and self-play samples) with their validation, batching, a small built-in task,
+and the conversion of the common SFT layouts (ShareGPT, Alpaca) into chat JSONL.
 
     python data.py demo out/demo                     # the demo task: {train,selfplay,test}.jsonl + tokenizer.model
     python data.py check out/demo/train.jsonl --tokenizer out/demo/tokenizer.model
     python data.py check ultrachat_train.jsonl --tokenizer zephyr-7b-sft-full/tokenizer.model
+    python data.py convert sharegpt.json chats.jsonl --from sharegpt --first-turn   # or --from alpaca|messages
 
 Every sequence the trainer sees comes from `encode_example`: BOS, the prompt in the template ending
 with "<|assistant|>\\n", then a response and its EOS, with a loss mask that is 1 on the response.
