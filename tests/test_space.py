@@ -69,8 +69,9 @@ def value_and_grads(fn, hidden, weight, upstream, *args, **kwargs):
 
 @pytest.fixture(params=[64, 1024], ids=["vocab_block64", "vocab_block1024"])
 def vocab_block(request, monkeypatch):
-    """Tiles of 64 vocab entries: several blocks and a ragged last one (V = 300 or 2000)."""
-    monkeypatch.setattr(space, "VOCAB_BLOCK", request.param)
+    """Tiles of 64 vocab entries: several blocks and a ragged last one (V = 300 or 2000). Set as
+    the CPU's default tile width, so the tests below also cover the per-device default."""
+    monkeypatch.setitem(space.TILE, "cpu", (space.TILE["cpu"][0], request.param))
     return request.param
 
 
@@ -125,6 +126,32 @@ def test_sequence_logprobs_strided_hidden_as_a_model_gives_it(vocab_block):
     out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask, chunk_size=7)
     for got, want in zip(out, ref):
         assert rel_err(got, want) < 1e-5
+
+
+def test_sequence_logprobs_tile_arguments_override_the_device_default():
+    # chunk_size and vocab_block given per call (as bench/logprob.py does), ragged or not
+    hidden, weight, targets, mask, upstream = make_batch(torch.float32)
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    for chunk_size, vocab_block in [(7, 64), (30, 300), (4, 1000)]:
+        out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask,
+                              chunk_size=chunk_size, vocab_block=vocab_block)
+        for got, want in zip(out, ref):
+            assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_logprobs_on_cuda_with_its_default_tiles(dtype):
+    # N = 6073 scored tokens and V = 9000: several of CUDA's 4096 x 4096 tiles, ragged ones too;
+    # bf16 goes through torch.mm(..., out_dtype=torch.float32)
+    batch = make_batch(dtype, B=9, T=2000, d=64, V=9000)
+    hidden, weight, targets, mask, upstream = (x.cuda() for x in batch)
+    assert mask.sum() > space.TILE["cuda"][0] and weight.shape[0] > space.TILE["cuda"][1]
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    naive = value_and_grads(naive_logprobs, hidden, weight, upstream, targets, mask)
+    out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask)
+    for got, base, want in zip(out, naive, ref):
+        assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else rel_err(base, want) + 1e-2)
 
 
 def test_sequence_logprobs_rejects_mixed_dtypes():
