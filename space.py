@@ -29,13 +29,16 @@ The SPACE paper's other self-play baselines, with s̄ = s / |y| the per-token me
 For SFT, per response token with logits z = W h and target token y_t:
 
     cross-entropy:  lse(z) − z_{y_t}                         ∂/∂z = softmax(z) − onehot(y_t)
-    GEM (Li et al., ICLR 2025, linear h):
-                    Σ_a q_a z_a − z_{y_t},  q = stopgrad(softmax(z / β))
-                                                             ∂/∂z = q − onehot(y_t)
+    GEM (Li et al., ICLR 2025):
+                    Σ_v q_v w_v (z_v − z_{y_t}),  q = stopgrad(softmax(z / β)), w = stopgrad(weights)
+                                                             ∂/∂z = q ⊙ w − (Σ_v q_v w_v) onehot(y_t)
+                    linear h:      w = 1                     ∂/∂z = q − onehot(y_t)
+                    logsigmoid h:  w_v = σ(0.01 (z_v − z_{y_t}))
 
 GEM's gradient is cross-entropy's with the model's distribution sharpened (β < 1): a target
 that is already the top token stops being pushed sooner, and unlikely alternatives are pushed
-down less, which is how GEM keeps generations diverse. β = 1 gives exactly the CE gradient.
+down less, which is how GEM keeps generations diverse. β = 1 with linear h gives exactly the CE
+gradient; logsigmoid h also pushes an alternative the less, the further it lies below the target.
 
 All of these need s, i.e. log-softmax over the vocabulary at every response token. The naive
 path builds the [B·T, V] logits (4 GB in fp32 for 8 x 4096 tokens and V = 32000) and keeps
@@ -130,53 +133,64 @@ class _TokenValues(torch.autograd.Function):
     """Per-token value of a softmax loss on the logits z = W h, computed tile by tile.
 
     kind "logprob":  value = z_y − lse(z)                  ∂value/∂z = −(softmax(z) − onehot(y))
-    kind "gem":      value = Σ_a q_a z_a − z_y, q = softmax(z/β) held constant
-                                                           ∂value/∂z = +(softmax(z/β) − onehot(y))
+    kind "gem":      value = Σ_v q_v w_v (z_v − z_y)        ∂value/∂z = q ⊙ w − S · onehot(y)
+                     q = softmax(z/β) and w held constant, S = Σ_v q_v w_v;
+                     h "linear": w = 1 (so S = 1), h "logsigmoid": w_v = σ(0.01 (z_v − z_y))
 
-    Both gradients are ±(softmax(z/τ) − onehot) with τ = 1 or β, so one backward serves both,
-    and all it needs from forward is lse(z/τ) per token. The upstream gradient (dL/ds, a
-    different number for every sequence) arrives only in backward, so the tiles' logits are
-    recomputed there: that costs a fourth matmul over the naive path's three, and saves the
-    [N, V] logits. Returns [B, T] fp32, zero at unscored positions.
+    Every gradient is ±(softmax(z/τ) ⊙ w − S · onehot(y)) with τ = 1 or β, so one backward
+    serves all, and all it needs from forward is z_y, lse(z/τ) and S per token. The upstream
+    gradient (dL/ds, a different number for every sequence) arrives only in backward, so the
+    tiles' logits are recomputed there: that costs a fourth matmul over the naive path's three,
+    and saves the [N, V] logits. Returns [B, T] fp32, zero at unscored positions.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, mask, kind, beta, chunk_size, vocab_block):
+    def forward(ctx, hidden, weight, targets, mask, kind, beta, h_kind, chunk_size, vocab_block):
         # hidden [B, T, d], weight [V, d], targets [B, T] long, mask [B, T] bool
         if hidden.dtype != weight.dtype:
             raise TypeError(f"hidden is {hidden.dtype} but the LM head weight is {weight.dtype}")
         tile = TILE.get(hidden.device.type, TILE["cuda"])
         chunk_size, vocab_block = chunk_size or tile[0], vocab_block or tile[1]
         tau = beta if kind == "gem" else 1.0
+        weighted = kind == "gem" and h_kind == "logsigmoid"
         b_idx, t_idx = mask.nonzero(as_tuple=True)                                       # [N], [N]
         y = targets[b_idx, t_idx]                                                        # [N]
         h = hidden[b_idx, t_idx]                                                         # [N, d]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         z_y = _target_logits(h, weight, y, chunk_size)                                   # [N]
         lse = torch.full(y.shape, -math.inf, **f32)                                      # [N] lse(z/τ) so far
-        e_z = torch.zeros(y.shape, **f32)                                                # [N] GEM: Σ_a q_a z_a so far
+        e_w = torch.zeros(y.shape, **f32)                                                # [N] GEM: Σ q w (z − z_y) so far
+        s_w = torch.zeros(y.shape, **f32) if weighted else torch.ones(y.shape, **f32)    # [N] S so far
         for s, e, v0, z in _tiles(h, weight, chunk_size, vocab_block):
             if kind == "logprob":
                 lse[s:e] = torch.logaddexp(lse[s:e], _logsumexp_(z))
-            else:
-                # Merge this block into the running softmax: the expectation of z under q is
-                # the blocks' own expectations weighted by their share exp(lse_block − lse).
-                u = z / tau                                                              # [n, nv]
-                lse_blk = _logsumexp_(u)                                                 # u <- exp(z/τ − max)
-                e_blk = (u * z).sum(dim=1) / u.sum(dim=1)                                # [n]
-                lse_new = torch.logaddexp(lse[s:e], lse_blk)
-                e_z[s:e] = e_z[s:e] * (lse[s:e] - lse_new).exp() + e_blk * (lse_blk - lse_new).exp()
-                lse[s:e] = lse_new
-        ctx.save_for_backward(hidden, weight, b_idx, t_idx, y, lse)
-        ctx.tau, ctx.sign = tau, (-1.0 if kind == "logprob" else 1.0)
+                continue
+            # GEM. Within a block, q ∝ p = exp(z/τ − max); the block's expectations under q are
+            # then rescaled by its share of the softmax, exp(lse_block − lse), as blocks merge.
+            p = z / tau                                                                  # [n, nv]
+            lse_blk = _logsumexp_(p)                                                     # p <- exp(z/τ − max)
+            p_sum = p.sum(dim=1)                                                         # [n]
+            gap = z.sub_(z_y[s:e, None])                                                 # [n, nv] z_v − z_y
+            if weighted:
+                p.mul_(gap.mul(0.01).sigmoid_())                                         # p <- p ⊙ w
+                s_blk = p.sum(dim=1) / p_sum                                             # Σ q w in the block
+            e_blk = p.mul_(gap).sum(dim=1) / p_sum                                       # Σ q w (z − z_y) in the block
+            lse_new = torch.logaddexp(lse[s:e], lse_blk)
+            keep, add = (lse[s:e] - lse_new).exp(), (lse_blk - lse_new).exp()            # [n] shares
+            e_w[s:e] = e_w[s:e] * keep + e_blk * add
+            if weighted:
+                s_w[s:e] = s_w[s:e] * keep + s_blk * add
+            lse[s:e] = lse_new
+        ctx.save_for_backward(hidden, weight, b_idx, t_idx, y, z_y, lse, s_w)
+        ctx.tau, ctx.weighted, ctx.sign = tau, weighted, (-1.0 if kind == "logprob" else 1.0)
         ctx.chunk_size, ctx.vocab_block = chunk_size, vocab_block
         out = torch.zeros(mask.shape, **f32)                                             # [B, T]
-        out[b_idx, t_idx] = z_y - lse if kind == "logprob" else e_z - z_y
+        out[b_idx, t_idx] = z_y - lse if kind == "logprob" else e_w
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, b_idx, t_idx, y, lse = ctx.saved_tensors
+        hidden, weight, b_idx, t_idx, y, z_y, lse, s_w = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         B, T, d = hidden.shape
         N = y.shape[0]
@@ -190,12 +204,15 @@ class _TokenValues(torch.autograd.Function):
         dz_low = None                                                                    # bf16 copy of a tile
         for s, e, v0, z in _tiles(h, weight, ctx.chunk_size, ctx.vocab_block):
             n, nv = z.shape
-            # coef · (softmax(z/τ) − onehot(y)), built in place in the tile buffer
+            # coef · (softmax(z/τ) ⊙ w − S · onehot(y)), built in place in the tile buffer
+            w = (z - z_y[s:e, None]).mul_(0.01).sigmoid_() if ctx.weighted else None     # [n, nv]
             if ctx.tau != 1.0:
                 z.div_(ctx.tau)
             z.sub_(lse[s:e, None]).exp_()
+            if w is not None:
+                z.mul_(w)
             col, inside = _in_block(y[s:e], v0, nv)
-            z.scatter_add_(1, col, torch.where(inside, -1.0, 0.0))
+            z.scatter_add_(1, col, torch.where(inside, -s_w[s:e, None], 0.0))
             if hidden.dtype == torch.float32:
                 dz = z.mul_(coef[s:e, None])                                             # [n, nv]
             else:  # scale and round to bf16 in one pass, for bf16 matmuls
@@ -218,7 +235,7 @@ class _TokenValues(torch.autograd.Function):
                     grad_w[v0:v0 + nv] = acc
         if need_h:
             grad_h = grad_h.view(B, T, d).to(hidden.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def sequence_logprobs(hidden, weight, targets, mask, chunk_size=None, vocab_block=None):
@@ -229,7 +246,7 @@ def sequence_logprobs(hidden, weight, targets, mask, chunk_size=None, vocab_bloc
     O(chunk_size · vocab_block) instead of O(B · T · V), tiles of TILE[device type] unless given;
     matmuls run in the input dtype, the softmax in fp32.
     """
-    values = _TokenValues.apply(hidden, weight, targets, mask.bool(), "logprob", 1.0, chunk_size, vocab_block)
+    values = _TokenValues.apply(hidden, weight, targets, mask.bool(), "logprob", 1.0, None, chunk_size, vocab_block)
     return values.sum(dim=1)
 
 
@@ -248,15 +265,24 @@ def sft_loss(hidden, weight, targets, mask, num_tokens=None, chunk_size=None, vo
     return -sequence_logprobs(hidden, weight, targets, mask, chunk_size, vocab_block).sum() / num_tokens
 
 
-def gem_loss(hidden, weight, targets, mask, beta=0.7, num_tokens=None, chunk_size=None, vocab_block=None):
-    """GEM with linear h (Li et al., ICLR 2025): Σ_t [Σ_a q_a z_a − z_{y_t}] / num_tokens.
+def gem_loss(hidden, weight, targets, mask, beta=0.7, h="linear", num_tokens=None, chunk_size=None,
+             vocab_block=None):
+    """GEM (Li et al., ICLR 2025): Σ_t Σ_v q_v w_v (z_v − z_{y_t}) / num_tokens, z = W hidden_t.
 
-    q = stopgrad(softmax(z / β)), so ∂/∂z = q − onehot(y_t): the CE gradient with the model's
-    own distribution sharpened by β < 1. Same chunked path as `sequence_logprobs`.
+    q = stopgrad(softmax(z / β)) and the weights w are held constant too, so ∂/∂z = q ⊙ w − S ·
+    onehot(y_t) with S = Σ_v q_v w_v. h names the weights, as the GEM repository's `gem_loss` does
+    (github.com/liziniu/GEM, sft_trainer.py, commit e5b1430): "linear" is w = 1, the CE gradient
+    with the model's own distribution sharpened by β < 1; "logsigmoid" is w_v = σ(0.01 (z_v − z_y)),
+    the derivative of h(u) = log σ(u) at u = 0.01 (z_y − z_v): 1/2 at a tie with the target, less
+    for an alternative already further below it. GEM's scripts train with "logsigmoid"; its
+    train.py calls the difference from "linear" usually negligible. Same tiled path as
+    `sequence_logprobs`: no [N, V] logits.
     """
+    if h not in ("linear", "logsigmoid"):
+        raise ValueError(f"gem_loss: h must be 'linear' or 'logsigmoid', got {h!r}")
     if num_tokens is None:
         num_tokens = mask.sum().clamp(min=1)
-    per_token = _TokenValues.apply(hidden, weight, targets, mask.bool(), "gem", beta, chunk_size, vocab_block)
+    per_token = _TokenValues.apply(hidden, weight, targets, mask.bool(), "gem", beta, h, chunk_size, vocab_block)
     return per_token.sum() / num_tokens
 
 
