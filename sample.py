@@ -48,6 +48,7 @@ class KVCache(nn.Module):
         shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.args = args
         self.window = args.sliding_window
         self.length = 0
 
@@ -68,6 +69,20 @@ class KVCache(nn.Module):
         self.v[layer_id, :, :, self.length:end] = v
         # views, not copies: a slice along the slot dimension keeps hd contiguous, which SDPA needs
         return self.k[layer_id, :, :, start:end], self.v[layer_id, :, :, start:end]
+
+    def repeat_rows(self, K: int, max_len: int) -> "KVCache":
+        """A new cache of K copies of every row (row b -> rows bK .. bK+K-1), with room for max_len slots.
+
+        K samples of one prompt share its keys and values up to the prompt's end, so the prompt is
+        run through the model once and its cache rows copied, instead of K identical prefills. The
+        copy is written through a [L, B, K, ...] view of the new buffers: no repeat_interleave
+        temporary of the full size."""
+        L, B, n_kv, S, hd = self.k.shape
+        new = KVCache(self.args, B * K, max_len, dtype=self.k.dtype, device=self.k.device)
+        for mine, theirs in ((self.k, new.k), (self.v, new.v)):
+            theirs.view(L, B, K, n_kv, max_len, hd)[..., :self.length, :] = mine[:, :, None, :, :self.length]
+        new.length = self.length
+        return new
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +183,7 @@ def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, positions: 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
-             progress: bool = False) -> list[list[int]]:
+             num_samples: int = 1, progress: bool = False) -> list[list[int]]:
     """Continue every prompt (a list of token ids) by up to max_new_tokens sampled tokens.
 
     Returns the new tokens only, one list per prompt. A row stops after it emits eos_id (the eos is
@@ -176,6 +191,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     greedy; top_k 0 and top_p 1 switch those filters off. With a seed the draws come from a private
     torch.Generator on the model's device, so the same seed gives the same samples and the global
     RNG is left untouched; with seed None they come from the global RNG.
+
+    num_samples K > 1 draws K replies per prompt, returned flat and prompt-major (prompt 0's K
+    replies, then prompt 1's, ...): the layout, and with a seed the very samples, of a call with
+    each prompt repeated K times. The difference is the cost: each prompt is prefilled once and its
+    cache rows copied K times (self-play draws K samples of every prompt, every iteration).
     """
     args = model.args
     for i, p in enumerate(prompts):
@@ -187,8 +207,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got temperature={temperature}, "
                          f"top_k={top_k}, top_p={top_p}")
+    if num_samples < 1:
+        raise ValueError(f"need num_samples >= 1, got {num_samples}")
+    K = num_samples
     if not prompts or max_new_tokens <= 0:
-        return [[] for _ in prompts]
+        return [[] for _ in range(len(prompts) * K)]
 
     weight = model.output.weight
     device, dtype = weight.device, weight.dtype
@@ -215,12 +238,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             positions = slots[None, :P] - (P - lengths)[:, None]                               # [B, P]; pads < 0
             mask = causal_mask(positions, positions, args.sliding_window)
             mask &= key_valid[:, None, :P] | torch.eye(P, dtype=torch.bool, device=device)
-            cache = KVCache(args, B, max_len, dtype=dtype, device=device)
             head = lm_head(model)                                                              # [d, V]
 
+            # K > 1: prefill the B prompts into a cache of just their P slots, then give every
+            # sample its own copy of its prompt's rows (and logits) to decode into. Row b*K + k is
+            # prompt b's k-th sample, the row a call with each prompt repeated K times would use,
+            # so the same seed draws the same noise for it.
+            cache = KVCache(args, B, P if K > 1 else max_len, dtype=dtype, device=device)
             logits = prefill(model, cache, tokens, positions, mask[:, None], head)             # [B, V]
+            if K > 1:
+                cache = cache.repeat_rows(K, max_len)                                          # [.., B*K, ..]
+                logits, lengths, key_valid = (x.repeat_interleave(K, dim=0) for x in (logits, lengths, key_valid))
             out = decode(model, cache, logits, lengths, key_valid, head, max_new_tokens, temperature, top_k,
-                         top_p, eos_id, generator, progress)                                   # [B, n]
+                         top_p, eos_id, generator, progress)                                   # [B*K, n]
     finally:
         model.train(was_training)
 

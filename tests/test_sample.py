@@ -92,6 +92,59 @@ def test_greedy_equals_transformers(model, prompts, tmp_path):
         assert row == ref[0, len(prompt):].tolist()
 
 
+def test_k_samples_from_one_prefill_equal_no_cache_reference(model, prompts, greedy):
+    # K copies of each prompt's cache rows, decoded greedily: every copy must be its own prompt's
+    # no-cache continuation, in prompt-major order (a copy from the wrong row, or a layout of
+    # sample-major rows, would show). The prompts differ in length and outrun the window.
+    K = 3
+    out = generate(model, prompts, N, temperature=0, num_samples=K)
+    assert out == [ref for ref in greedy for _ in range(K)]
+
+
+def sample_no_cache(model, prompts, n, temperature, seed):
+    """The naive sampler: every row recomputed from scratch (no cache, no padding), one token per
+    row per step, drawn with sample.py's documented rule: argmax_i p_i / q_i, q ~ Exp(1), one
+    [rows, V] draw per step from a generator seeded with seed."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [list(p) for p in prompts]
+    with torch.no_grad():
+        for _ in range(n):
+            logits = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])       # [rows, V]
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            q = torch.empty_like(probs).exponential_(1.0, generator=g)
+            for s, t in zip(seqs, (probs / q).argmax(-1).tolist()):
+                s.append(t)
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def test_k_samples_with_a_seed_equal_repeated_prompts_and_no_cache_sampler(model, prompts):
+    # With a seed, row b*K + k draws the noise that row of a call with each prompt repeated K times
+    # draws, and the shared prefill computes the same logits, so the samples are the same tokens;
+    # and both are the no-cache sampler's. The logits of the two paths need not agree to the last
+    # bit (a matmul over B rows and one over B*K rows may round differently), so "the same tokens"
+    # rests on no two candidates being within rounding of a tie: at these spread-out logits a flip
+    # is a ~1e-6 event per draw.
+    K, n = 4, 12
+    repeated = [p for p in prompts for _ in range(K)]
+    out = generate(model, prompts, n, temperature=1.0, seed=5, num_samples=K)
+    assert out == generate(model, repeated, n, temperature=1.0, seed=5)
+    assert out == sample_no_cache(model, repeated, n, 1.0, seed=5)
+    assert len({tuple(r) for r in out[:K]}) > 1  # each copy draws its own noise
+    assert out != generate(model, prompts, n, temperature=1.0, seed=6, num_samples=K)
+
+
+def test_k_samples_edge_cases(model, prompts):
+    assert generate(model, [], 4, num_samples=3) == []
+    assert generate(model, prompts, 0, num_samples=2) == [[]] * 6
+    with pytest.raises(ValueError, match="num_samples"):
+        generate(model, prompts, 4, num_samples=0)
+    # eos handling per row: the rows of one prompt stop on their own
+    out = generate(model, prompts[:1], 40, temperature=1.5, seed=0, num_samples=64, eos_id=7)
+    assert len(out) == 64 and all(r[-1] == 7 or len(r) == 40 for r in out)
+    assert all(7 not in r[:-1] for r in out)
+    assert len({len(r) for r in out}) > 1
+
+
 def test_seed_reproducible_and_global_rng_untouched(model, prompts):
     torch.manual_seed(7)
     state = torch.get_rng_state()
