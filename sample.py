@@ -23,6 +23,7 @@ slots while decoding, so a step costs O(min(S, W)) and not O(max length).
 This file needs torch, tqdm and model.py; the command line also imports data.py for the tokenizer.
 """
 import argparse
+import sys
 
 import torch
 import torch.nn as nn
@@ -284,9 +285,18 @@ def main():
     model = load_model(cli.model, dtype=getattr(torch, cli.dtype), device=cli.device)
     text = cli.prompt if cli.raw else render_chat([{"role": "user", "content": cli.prompt}], add_generation_prompt=True)
     ids = tok.encode(text, bos=True)
+    # generate refuses a request that does not fit, since a silent cut inside training would be a
+    # bug; here a person asked for "a reply", so give them as much of one as the model can hold.
+    # A prompt with no room for one new token is still refused, by generate's own message.
+    room = model.args.max_seq_len - len(ids)
+    n = cli.max_new_tokens if room < 1 else min(cli.max_new_tokens, room)
+    if n < cli.max_new_tokens:
+        print(f"sample.py: the prompt has {len(ids)} tokens and the model holds {model.args.max_seq_len} "
+              f"(max_seq_len), so at most {n} new tokens instead of {cli.max_new_tokens}", file=sys.stderr)
     try:
-        [reply] = generate(model, [ids], cli.max_new_tokens, temperature=cli.temperature, top_p=cli.top_p,
-                           top_k=cli.top_k, eos_id=tok.eos_id, seed=cli.seed, progress=True)
+        # the bar only on a terminal: piped or redirected, the output is the reply and nothing else
+        [reply] = generate(model, [ids], n, temperature=cli.temperature, top_p=cli.top_p, top_k=cli.top_k,
+                           eos_id=tok.eos_id, seed=cli.seed, progress=sys.stderr.isatty())
     except ValueError as e:  # a prompt too long for the model, or a bad sampling setting
         parser.error(str(e))
     print(decode_response(tok, reply))  # up to the EOS, decoded as a continuation of the prompt

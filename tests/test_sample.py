@@ -1,6 +1,7 @@
 """sample.py against two independent references: the model recomputed from scratch every step
 (no cache, no padding, no masks of ours) and transformers' MistralForCausalLM.generate."""
 import os
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelArgs, Transformer, save_model  # noqa: E402
+import data  # noqa: E402
+from model import ModelArgs, Transformer, load_model, save_model  # noqa: E402
 from sample import generate  # noqa: E402
 
 # a window shorter than the long prompt, and than every prompt plus its generation
@@ -226,3 +228,50 @@ def test_bf16_model_runs_and_training_mode_is_restored(prompts):
     assert model.training
     assert [len(r) for r in out] == [8, 8, 8]
     assert all(0 <= t < ARGS.vocab_size for r in out for t in r)
+
+
+# -----------------------------------------------------------------------------
+# The command line, run as a user runs it: a checkpoint folder with its tokenizer, in a subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A tiny random model saved with save_model, beside a demo tokenizer: the layout of an export.
+    max_seq_len 64 is far below the command line's default of 256 new tokens."""
+    path = tmp_path_factory.mktemp("export")
+    tok = data.demo_tokenizer(data.demo_splits(seed=0, n_train=500, n_selfplay=0, n_test=0)["train"], str(path))
+    args = replace(ARGS, vocab_size=tok.vocab_size, max_seq_len=64, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    save_model(random_model(args=args), path)
+    return path, tok
+
+
+def run_cli(*argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a tiny model: threads only slow it down
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_defaults_fit_the_model_and_print_only_the_reply(export):
+    path, tok = export
+    prompt = "Sort: d b c a"
+    r = run_cli("--model", str(path), "--prompt", prompt, "--seed", "0")  # otherwise the defaults
+    assert r.returncode == 0, r.stderr
+    # what the library gives for as many new tokens as fit, with the command line's defaults
+    ids = tok.encode(data.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True), bos=True)
+    room = 64 - len(ids)
+    [reply] = generate(load_model(path), [ids], room, temperature=0.7, top_p=0.9, eos_id=tok.eos_id, seed=0)
+    assert r.stdout == data.decode_response(tok, reply) + "\n"  # the reply and nothing else
+    assert r.stdout.strip()
+    # stderr, not a terminal here: the notice and no progress bar
+    assert r.stderr == (f"sample.py: the prompt has {len(ids)} tokens and the model holds 64 (max_seq_len), "
+                        f"so at most {room} new tokens instead of 256\n")
+
+
+def test_cli_refuses_a_prompt_with_no_room(export):
+    path, _ = export
+    r = run_cli("--model", str(path), "--prompt", "a b c d " * 40, "--raw", "--max-new-tokens", "8")
+    assert r.returncode != 0
+    assert r.stdout == ""
+    assert "error: prompt 0 has" in r.stderr and "> the model's max_seq_len 64" in r.stderr
