@@ -105,27 +105,27 @@ def test_k_samples_from_one_prefill_equal_no_cache_reference(model, prompts, gre
 
 def sample_no_cache(model, prompts, n, temperature, seed):
     """The naive sampler: every row recomputed from scratch (no cache, no padding), one token per
-    row per step, drawn with sample.py's documented rule: argmax_i p_i / q_i, q ~ Exp(1), one
-    [rows, V] draw per step from a generator seeded with seed."""
+    row per step, drawn by sample.py's documented rule: the first token whose cumulative probability
+    exceeds u, one u ~ U(0, 1) per row per step from a generator seeded with seed."""
     g = torch.Generator().manual_seed(seed)
     seqs = [list(p) for p in prompts]
     with torch.no_grad():
         for _ in range(n):
             logits = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])       # [rows, V]
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            q = torch.empty_like(probs).exponential_(1.0, generator=g)
-            for s, t in zip(seqs, (probs / q).argmax(-1).tolist()):
-                s.append(t)
+            cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum(-1)
+            u = torch.rand(len(seqs), 1, dtype=torch.float64, generator=g)
+            for s, c, x in zip(seqs, cdf, (u * cdf[:, -1:]).squeeze(1)):
+                s.append(int((c <= x).sum()))  # the first token whose cumulative probability exceeds x
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
 def test_k_samples_with_a_seed_equal_repeated_prompts_and_no_cache_sampler(model, prompts):
-    # With a seed, row b*K + k draws the noise that row of a call with each prompt repeated K times
-    # draws, and the shared prefill computes the same logits, so the samples are the same tokens;
-    # and both are the no-cache sampler's. The logits of the two paths need not agree to the last
-    # bit (a matmul over B rows and one over B*K rows may round differently), so "the same tokens"
-    # rests on no two candidates being within rounding of a tie: at these spread-out logits a flip
-    # is a ~1e-6 event per draw.
+    # With a seed, row b*K + k draws the uniform that row of a call with each prompt repeated K
+    # times draws, and the shared prefill computes the same logits, so the samples are the same
+    # tokens; and both are the no-cache sampler's. The logits of the paths need not agree to the
+    # last bit (a matmul over B rows and one over B*K rows, or over one unpadded row, may round
+    # differently), so "the same tokens" rests on no draw landing within rounding (~1e-7) of a
+    # boundary of the cumulative distribution: a ~1e-7 event per draw.
     K, n = 4, 12
     repeated = [p for p in prompts for _ in range(K)]
     out = generate(model, prompts, n, temperature=1.0, seed=5, num_samples=K)
