@@ -1,6 +1,7 @@
 """sample.py against two independent references: the model recomputed from scratch every step
 (no cache, no padding, no masks of ours) and transformers' MistralForCausalLM.generate."""
 import os
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelArgs, Transformer, save_model  # noqa: E402
+import data  # noqa: E402
+from model import ModelArgs, Transformer, load_model, save_model  # noqa: E402
 from sample import generate  # noqa: E402
 
 # a window shorter than the long prompt, and than every prompt plus its generation
@@ -92,6 +94,59 @@ def test_greedy_equals_transformers(model, prompts, tmp_path):
         assert row == ref[0, len(prompt):].tolist()
 
 
+def test_k_samples_from_one_prefill_equal_no_cache_reference(model, prompts, greedy):
+    # K copies of each prompt's cache rows, decoded greedily: every copy must be its own prompt's
+    # no-cache continuation, in prompt-major order (a copy from the wrong row, or a layout of
+    # sample-major rows, would show). The prompts differ in length and outrun the window.
+    K = 3
+    out = generate(model, prompts, N, temperature=0, num_samples=K)
+    assert out == [ref for ref in greedy for _ in range(K)]
+
+
+def sample_no_cache(model, prompts, n, temperature, seed):
+    """The naive sampler: every row recomputed from scratch (no cache, no padding), one token per
+    row per step, drawn by sample.py's documented rule: the first token whose cumulative probability
+    exceeds u, one u ~ U(0, 1) per row per step from a generator seeded with seed."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [list(p) for p in prompts]
+    with torch.no_grad():
+        for _ in range(n):
+            logits = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])       # [rows, V]
+            cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum(-1)
+            u = torch.rand(len(seqs), 1, dtype=torch.float64, generator=g)
+            for s, c, x in zip(seqs, cdf, (u * cdf[:, -1:]).squeeze(1)):
+                s.append(int((c <= x).sum()))  # the first token whose cumulative probability exceeds x
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def test_k_samples_with_a_seed_equal_repeated_prompts_and_no_cache_sampler(model, prompts):
+    # With a seed, row b*K + k draws the uniform that row of a call with each prompt repeated K
+    # times draws, and the shared prefill computes the same logits, so the samples are the same
+    # tokens; and both are the no-cache sampler's. The logits of the paths need not agree to the
+    # last bit (a matmul over B rows and one over B*K rows, or over one unpadded row, may round
+    # differently), so "the same tokens" rests on no draw landing within rounding (~1e-7) of a
+    # boundary of the cumulative distribution: a ~1e-7 event per draw.
+    K, n = 4, 12
+    repeated = [p for p in prompts for _ in range(K)]
+    out = generate(model, prompts, n, temperature=1.0, seed=5, num_samples=K)
+    assert out == generate(model, repeated, n, temperature=1.0, seed=5)
+    assert out == sample_no_cache(model, repeated, n, 1.0, seed=5)
+    assert len({tuple(r) for r in out[:K]}) > 1  # each copy draws its own noise
+    assert out != generate(model, prompts, n, temperature=1.0, seed=6, num_samples=K)
+
+
+def test_k_samples_edge_cases(model, prompts):
+    assert generate(model, [], 4, num_samples=3) == []
+    assert generate(model, prompts, 0, num_samples=2) == [[]] * 6
+    with pytest.raises(ValueError, match="num_samples"):
+        generate(model, prompts, 4, num_samples=0)
+    # eos handling per row: the rows of one prompt stop on their own
+    out = generate(model, prompts[:1], 40, temperature=1.5, seed=0, num_samples=64, eos_id=7)
+    assert len(out) == 64 and all(r[-1] == 7 or len(r) == 40 for r in out)
+    assert all(7 not in r[:-1] for r in out)
+    assert len({len(r) for r in out}) > 1
+
+
 def test_seed_reproducible_and_global_rng_untouched(model, prompts):
     torch.manual_seed(7)
     state = torch.get_rng_state()
@@ -173,3 +228,50 @@ def test_bf16_model_runs_and_training_mode_is_restored(prompts):
     assert model.training
     assert [len(r) for r in out] == [8, 8, 8]
     assert all(0 <= t < ARGS.vocab_size for r in out for t in r)
+
+
+# -----------------------------------------------------------------------------
+# The command line, run as a user runs it: a checkpoint folder with its tokenizer, in a subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A tiny random model saved with save_model, beside a demo tokenizer: the layout of an export.
+    max_seq_len 64 is far below the command line's default of 256 new tokens."""
+    path = tmp_path_factory.mktemp("export")
+    tok = data.demo_tokenizer(data.demo_splits(seed=0, n_train=500, n_selfplay=0, n_test=0)["train"], str(path))
+    args = replace(ARGS, vocab_size=tok.vocab_size, max_seq_len=64, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    save_model(random_model(args=args), path)
+    return path, tok
+
+
+def run_cli(*argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a tiny model: threads only slow it down
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_defaults_fit_the_model_and_print_only_the_reply(export):
+    path, tok = export
+    prompt = "Sort: d b c a"
+    r = run_cli("--model", str(path), "--prompt", prompt, "--seed", "0")  # otherwise the defaults
+    assert r.returncode == 0, r.stderr
+    # what the library gives for as many new tokens as fit, with the command line's defaults
+    ids = tok.encode(data.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True), bos=True)
+    room = 64 - len(ids)
+    [reply] = generate(load_model(path), [ids], room, temperature=0.7, top_p=0.9, eos_id=tok.eos_id, seed=0)
+    assert r.stdout == data.decode_response(tok, reply) + "\n"  # the reply and nothing else
+    assert r.stdout.strip()
+    # stderr, not a terminal here: the notice and no progress bar
+    assert r.stderr == (f"sample.py: the prompt has {len(ids)} tokens and the model holds 64 (max_seq_len), "
+                        f"so at most {room} new tokens instead of 256\n")
+
+
+def test_cli_refuses_a_prompt_with_no_room(export):
+    path, _ = export
+    r = run_cli("--model", str(path), "--prompt", "a b c d " * 40, "--raw", "--max-new-tokens", "8")
+    assert r.returncode != 0
+    assert r.stdout == ""
+    assert "error: prompt 0 has" in r.stderr and "> the model's max_seq_len 64" in r.stderr
