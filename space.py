@@ -108,8 +108,10 @@ def _tiles(h, weight, chunk_size, vocab_block):
 
 def _target_logits(h, weight, y, chunk_size):
     """z_y = h · W[y] for every scored token: [N] fp32, computed before any tile so that each tile
-    can already use it. Products of bf16 numbers are exact in fp32, so this is the tiles' own z_y
-    to fp32 rounding. By chunks, so the gathered rows of W are [chunk, d], never [N, d]."""
+    can already use it (GEM's weights need z_v − z_y). Products of bf16 numbers are exact in fp32,
+    so where tiles are fp32 (fp32 inputs; bf16 on CUDA) this is their own z_y to fp32 rounding;
+    CPU bf16 tiles are rounded to bf16, and this is the more accurate z_y. By chunks, so the
+    gathered rows of W are [chunk, d], never [N, d]."""
     z_y = torch.empty(y.shape, dtype=torch.float32, device=h.device)                     # [N]
     for s in range(0, y.shape[0], chunk_size):
         z_y[s:s + chunk_size] = (h[s:s + chunk_size].float() * weight[y[s:s + chunk_size]].float()).sum(1)
