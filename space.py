@@ -161,7 +161,7 @@ class _TokenValues(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=hidden.device)
         z_y = _target_logits(h, weight, y, chunk_size)                                   # [N]
         lse = torch.full(y.shape, -math.inf, **f32)                                      # [N] lse(z/τ) so far
-        e_w = torch.zeros(y.shape, **f32)                                                # [N] GEM: Σ q w (z − z_y) so far
+        e_w = torch.zeros(y.shape, **f32)                                                # [N] GEM value so far
         s_w = torch.zeros(y.shape, **f32) if weighted else torch.ones(y.shape, **f32)    # [N] S so far
         for s, e, v0, z in _tiles(h, weight, chunk_size, vocab_block):
             if kind == "logprob":
@@ -176,7 +176,7 @@ class _TokenValues(torch.autograd.Function):
             if weighted:
                 p.mul_(gap.mul(0.01).sigmoid_())                                         # p <- p ⊙ w
                 s_blk = p.sum(dim=1) / p_sum                                             # Σ q w in the block
-            e_blk = p.mul_(gap).sum(dim=1) / p_sum                                       # Σ q w (z − z_y) in the block
+            e_blk = p.mul_(gap).sum(dim=1) / p_sum                                       # Σ q w (z − z_y) in it
             lse_new = torch.logaddexp(lse[s:e], lse_blk)
             keep, add = (lse[s:e] - lse_new).exp(), (lse_blk - lse_new).exp()            # [n] shares
             e_w[s:e] = e_w[s:e] * keep + e_blk * add
