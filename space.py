@@ -108,8 +108,10 @@ def _tiles(h, weight, chunk_size, vocab_block):
 
 def _target_logits(h, weight, y, chunk_size):
     """z_y = h · W[y] for every scored token: [N] fp32, computed before any tile so that each tile
-    can already use it. Products of bf16 numbers are exact in fp32, so this is the tiles' own z_y
-    to fp32 rounding. By chunks, so the gathered rows of W are [chunk, d], never [N, d]."""
+    can already use it (GEM's weights need z_v − z_y). Products of bf16 numbers are exact in fp32,
+    so where tiles are fp32 (fp32 inputs; bf16 on CUDA) this is their own z_y to fp32 rounding;
+    CPU bf16 tiles are rounded to bf16, and this is the more accurate z_y. By chunks, so the
+    gathered rows of W are [chunk, d], never [N, d]."""
     z_y = torch.empty(y.shape, dtype=torch.float32, device=h.device)                     # [N]
     for s in range(0, y.shape[0], chunk_size):
         z_y[s:s + chunk_size] = (h[s:s + chunk_size].float() * weight[y[s:s + chunk_size]].float()).sum(1)
@@ -159,7 +161,7 @@ class _TokenValues(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=hidden.device)
         z_y = _target_logits(h, weight, y, chunk_size)                                   # [N]
         lse = torch.full(y.shape, -math.inf, **f32)                                      # [N] lse(z/τ) so far
-        e_w = torch.zeros(y.shape, **f32)                                                # [N] GEM: Σ q w (z − z_y) so far
+        e_w = torch.zeros(y.shape, **f32)                                                # [N] GEM value so far
         s_w = torch.zeros(y.shape, **f32) if weighted else torch.ones(y.shape, **f32)    # [N] S so far
         for s, e, v0, z in _tiles(h, weight, chunk_size, vocab_block):
             if kind == "logprob":
@@ -174,7 +176,7 @@ class _TokenValues(torch.autograd.Function):
             if weighted:
                 p.mul_(gap.mul(0.01).sigmoid_())                                         # p <- p ⊙ w
                 s_blk = p.sum(dim=1) / p_sum                                             # Σ q w in the block
-            e_blk = p.mul_(gap).sum(dim=1) / p_sum                                       # Σ q w (z − z_y) in the block
+            e_blk = p.mul_(gap).sum(dim=1) / p_sum                                       # Σ q w (z − z_y) in it
             lse_new = torch.logaddexp(lse[s:e], lse_blk)
             keep, add = (lse[s:e] - lse_new).exp(), (lse_blk - lse_new).exp()            # [n] shares
             e_w[s:e] = e_w[s:e] * keep + e_blk * add

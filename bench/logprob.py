@@ -195,8 +195,9 @@ def main():
         got = child(args, "--time", dtype_name)
         ms = got["ms"]
         peak = got["peak"] if args.device == "cuda" else {v: child(args, "--memory", v, dtype_name) for v in VARIANTS}
+        digits = 0 if args.device == "cpu" else 1
         for v in VARIANTS:
-            print(f"{v:<12} {dtype_name:<5} {ms[v]:>9.{0 if args.device == 'cpu' else 1}f} {ms[v] / ms['naive']:>8.2f} "
+            print(f"{v:<12} {dtype_name:<5} {ms[v]:>9.{digits}f} {ms[v] / ms['naive']:>8.2f} "
                   f"{peak[v]:>9.1f} {100 * peak[v] / peak['naive']:>7.1f}%")
     print(f"load average after: {open('/proc/loadavg').read().split()[0]} "
           f"(this includes the benchmark's own {torch.get_num_threads()} busy threads)")

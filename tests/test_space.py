@@ -234,7 +234,10 @@ def test_gem_bf16_no_worse_than_naive_bf16(h, vocab_block):
 def test_gem_logsigmoid_weights_are_half_at_a_tie_and_bend_with_the_gap():
     hidden, weight, targets, mask, _ = make_batch(torch.float32)
     one = torch.ones(())
-    gem = lambda h, scale: value_and_grads(space.gem_loss, hidden * scale, weight, one, targets, mask, h=h)  # noqa: E731
+
+    def gem(h, scale):
+        return value_and_grads(space.gem_loss, hidden * scale, weight, one, targets, mask, h=h)
+
     # logit gaps near 0: w = σ(0.01 · gap) ≈ 1/2 everywhere, so the gradients are half of linear's
     # (the value is a near-cancelling sum of gaps; its second-order term shows at 1e-2)
     got, lin = gem("logsigmoid", 0.01), gem("linear", 0.01)
