@@ -139,8 +139,9 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
     for c in tqdm(todo[rank::world], desc=f"generate iter {t}", disable=rank != 0, leave=False):
         ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts[c]]
         # one seed per chunk of prompts: the same samples whatever the number of ranks
-        out = generate(policy, [x for x in ids for _ in range(K)], cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, eos_id=tok.eos_id, seed=cfg.seed * 1_000_003 + t * 10_007 + c)
+        # one prefill per prompt, its cache rows copied K times; replies come prompt-major
+        out = generate(policy, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                       eos_id=tok.eos_id, seed=cfg.seed * 1_000_003 + t * 10_007 + c, num_samples=K)
         texts = [data.decode_response(tok, o) for o in out]
         new = [{"messages": p, "real": y, "generated": texts[j * K:(j + 1) * K], "drawn_by": t}
                for j, (p, y) in enumerate(prompts[c])]
