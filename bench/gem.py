@@ -2,8 +2,8 @@
 GEM against cross-entropy (Li et al., ICLR 2025): does the diversity-preserving SFT loss give a more
 diverse θ_0, does that diversity pay off under sampling, and does it help self-play afterwards?
 
-    python bench/gem.py --sft-epochs E            # E: the plateau bench/plateau.py found (its table says)
-    python bench/gem.py --sft-epochs 2 --seeds 0 --iterations 1 --prompts 20 --out out/gem_quick   # a quick look
+    python bench/gem.py --sft-epochs 32           # θ_0 as bench/plateau.py's (set A = 1,000 chats, 32 epochs)
+    python bench/gem.py --sft-epochs 2 --train-size 256 --seeds 0 --iterations 1 --prompts 20 --out out/gem_quick  # smoke test
 
 1. θ_0 from scratch on set A (the first --train-size chats of the demo's SFT split), the same data,
    epochs and steps for every loss: --sft-loss ce (bench/plateau.py's cached θ_0), --sft-loss gem with

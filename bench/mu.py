@@ -2,8 +2,8 @@
 SPACE's noise ratio μ = K (the SPACE paper's ablation): K ∈ {1, 3, 7} generated responses per prompt,
 μ = K, from the plateau θ_0 of bench/plateau.py, on the same set A.
 
-    python bench/mu.py --sft-epochs E             # E: the plateau bench/plateau.py found (its table says)
-    python bench/mu.py --sft-epochs 2 --seeds 0 --iterations 1 --out out/mu_quick   # a quick look
+    python bench/mu.py --sft-epochs 32            # θ_0 = bench/plateau.py's (set A = 1,000 chats, 32 epochs)
+    python bench/mu.py --sft-epochs 2 --train-size 256 --seeds 0 --iterations 1 --out out/mu_quick  # smoke test
 
 θ_0 is SFT on set A (the first --train-size chats of the demo's SFT split) for --sft-epochs epochs,
 the same cached model as bench/plateau.py's (out/theta0/, trained here if missing). From it, SPACE

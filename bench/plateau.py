@@ -3,8 +3,8 @@ Self-play past the SFT plateau, the papers' own regime: θ_0 is SFT on set A unt
 helping, then every method self-plays on the same set A (SPIN and SPACE start from zephyr-7b-sft-full,
 already fine-tuned on the UltraChat they self-play on).
 
-    python bench/plateau.py                      # everything: seeds 0 1 2 (about 25 min on 2 busy cores)
-    python bench/plateau.py --seeds 0 --iterations 1 --sweep 2 4 --out out/plateau_quick   # a quick look
+    python bench/plateau.py                      # everything: seeds 0 1 2 (about 25 min on 2 quiet cores)
+    python bench/plateau.py --seeds 0 --iterations 1 --train-size 256 --sweep 1 2 --out out/plateau_quick  # smoke test
 
 1. The sweep: for each seed, SFT from scratch on set A (the first --train-size chats of the demo's SFT
    split) for E epochs, each E in --sweep, evaluated on the demo's 300 held-out prompts (greedy exact
@@ -17,11 +17,13 @@ already fine-tuned on the UltraChat they self-play on).
    SFT continued on A (--method sft --selfplay-from sft): the same passes over A, 1 epoch per
    iteration, at the same learning rate.
 
-Sized for 2 CPU cores: set A is 1,500 chats (a quarter of the demo's SFT split, so the plateau comes
-within a few hundred steps), the sweep stops at 16 epochs, and runs go two at a time on one thread
-each. It writes OUT/plateau.md and OUT/plateau.png, copied to bench/results/ when --out is the
-default; they hold no timings, so a rerun on the same machine regenerates them byte for byte (another
-CPU may differ in the last digits). Wall time per run and the load average are printed.
+Sized for 2 CPU cores: set A is 1,000 chats (a sixth of the demo's SFT split: 16 steps of 64 per epoch,
+so the sweep 4, 8, 16, 32 epochs is 940 SFT steps per seed) and runs go two at a time on one thread
+each; from the processes' CPU times, about 25 minutes on 2 quiet cores (the sweep about a third of it).
+On a loaded machine it takes as long as it gets CPU: the script prints each run's wall time and the
+load average. It writes OUT/plateau.md and OUT/plateau.png, copied to bench/results/ when --out is the
+default; they hold no timings, so a rerun on the same machine regenerates them byte for byte (runs are
+deterministic for a given seed on one machine; another CPU may differ in the last digits).
 """
 import argparse
 import os
@@ -42,6 +44,15 @@ METRICS = (("eval/accuracy", "Exact match on held-out prompts", 3),
            ("eval/heldout_logp_token", "Log-likelihood per token of held-out real responses", 4),
            ("rewards/real", "rewards/real during the iteration that made θ_t (r(y) = s_θ − s_θt)", 3),
            ("rewards/generated", "rewards/generated during the iteration that made θ_t", 3))
+
+
+def last_epoch_loss(folder):
+    """The SFT training loss in θ_0's last epoch (mean of its logged steps): how much of set A is left to fit."""
+    import json
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if r.get("phase") == "sft" and "loss" in r]
+    last = max(r["epoch"] for r in rows)
+    return statistics.fmean(r["loss"] for r in rows if r["epoch"] == last)
 
 
 def plateau(sweep, by_epochs):
@@ -102,10 +113,11 @@ def main():
         ("" if args.out == default_out else " --out " + args.out)
     text = [f"Measured by `{cmd}` (seeds {args.seeds}, set A = the first {args.train_size} chats of the demo's "
             f"SFT split, 300 held-out prompts; mean ± sd over seeds). CPU: {runs.cpu()}.", ""]
-    text.append(runs.table(f"1. SFT on set A for E epochs, from scratch ({verdict})",
-                           ["exact match", "log p per token", "log p per response"],
+    loss = {e: [last_epoch_loss(runs.theta0_job(cache, args.train_size, e, s)[0]) for s in args.seeds] for e in args.sweep}
+    text.append(runs.table(f"1. SFT on set A for E epochs, from scratch, on the held-out prompts ({verdict})",
+                           ["exact match", "log p per token", "log p per response", "training loss, last epoch"],
                            {f"E = {e}": [[r[0][k] for r in by_epochs[e]] for k in
-                                         ("eval/accuracy", "eval/heldout_logp_token", "eval/heldout_logp")]
+                                         ("eval/accuracy", "eval/heldout_logp_token", "eval/heldout_logp")] + [loss[e]]
                             for e in args.sweep}, 4))
     header = [f"θ_{t}" for t in range(args.iterations + 1)]
     for key, title, digits in METRICS:
