@@ -1,10 +1,13 @@
 """
-Data for self-play fine-tuning: the tokenizer, the zephyr chat template, the two JSONL formats
-(chats and self-play samples) with their validation, batching, and a small built-in task.
+Data for self-play fine-tuning: the tokenizer (encoding exactly as the checkpoint's transformers
+tokenizer does, and the tokenizer files every export carries), the zephyr chat template, the two
+JSONL formats (chats and self-play samples) with their validation, batching, a small built-in task,
+and the conversion of the common SFT layouts (ShareGPT, Alpaca) into chat JSONL.
 
     python data.py demo out/demo                     # the demo task: {train,selfplay,test}.jsonl + tokenizer.model
     python data.py check out/demo/train.jsonl --tokenizer out/demo/tokenizer.model
     python data.py check ultrachat_train.jsonl --tokenizer zephyr-7b-sft-full/tokenizer.model
+    python data.py convert sharegpt.json chats.jsonl --from sharegpt --first-turn   # or --from alpaca|messages
 
 Every sequence the trainer sees comes from `encode_example`: BOS, the prompt in the template ending
 with "<|assistant|>\\n", then a response and its EOS, with a loss mask that is 1 on the response.
@@ -18,6 +21,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -28,8 +32,8 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # the tokenizer
 
-BOS, EOS = "<s>", "</s>"  # how text writes the two special tokens (Mistral's piece names)
-_SPECIAL = re.compile("(<s>|</s>)")
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"  # how text writes the special tokens (Mistral's piece names)
+_SPECIAL = re.compile("(<s>|</s>|<unk>)")
 
 # The serialized model plus these four bytes is the same model with add_dummy_prefix = false.
 # In protobuf's wire format they read: ModelProto field 3 (normalizer_spec, length 2) holding
@@ -39,51 +43,61 @@ _NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
 
 
 class Tokenizer:
-    """sentencepiece, plus the two special tokens that the chat template writes as text.
+    """sentencepiece, plus the special tokens that the chat template writes as text.
 
     The trap: sentencepiece with add_dummy_prefix (Mistral's model has it) encodes every string as
-    if it began with a space, "Hi" -> "▁Hi". Encoding the text between special tokens piece by
-    piece with it would put a space after every "</s>" that the text does not have. The rule here,
-    as sentencepiece and HF's non-legacy Llama tokenizer have it: text at the start of a document
-    (the start, or right after <s>) gets the dummy space; text that continues (after </s>, or a
-    response after its prompt: continuation=True) gets none. decode mirrors encode, so
-    decode(encode(x)) == x and decode(encode(x, continuation=True), continuation=True) == x.
+    if it began with a space, "Hi" -> "▁Hi". Text is encoded piece by piece between the special
+    tokens, so which pieces get that dummy space is a choice, and transformers' Llama tokenizers make
+    it with the `legacy` flag of a checkpoint's tokenizer_config.json:
+    - legacy=False, sentencepiece's own rule: text at the start of a document (the start, or right
+      after <s>) gets the dummy space; text that continues (after </s>, or a response after its
+      prompt: continuation=True) gets none.
+    - legacy=True, as Mistral-7B's and zephyr's tokenizers are published: text after any special
+      token gets it too, so "</s>\\n" is "</s>", "▁", "<0x0A>".
+    A model must see the ids it was trained on, so Tokenizer(path) follows the transformers files
+    beside path (tokenizer.json, tokenizer_config.json: see _legacy_setting), and raises where they
+    ask for what it cannot reproduce; with none there it uses sentencepiece's rule; legacy=True/False
+    overrides both. decode mirrors encode, so decode(encode(x)) == x and
+    decode(encode(x, continuation=True), continuation=True) == x.
     """
 
-    def __init__(self, model_file):
+    def __init__(self, model_file, legacy=None):
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.sp_continue = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{model_file}: the tokenizer needs a BOS and an EOS piece")
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.special = {BOS: self.bos_id, EOS: self.eos_id, UNK: self.unk_id}  # as transformers reads them in text
+        if any(i < 0 or self.sp.id_to_piece(i) != s for s, i in self.special.items()):
+            raise ValueError(f"{model_file}: the tokenizer needs the pieces {UNK}, {BOS} and {EOS}")
         # Mistral's model has no pad piece. Padding sits after the real tokens (right padding under a
         # causal mask) and is masked out of every loss, so any id would do: we use EOS.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.vocab_size = self.sp.vocab_size()
+        self.legacy = _legacy_setting(self, os.path.dirname(os.path.abspath(model_file))) if legacy is None else legacy
 
     def encode(self, text, bos=False, continuation=False):
-        """Token ids of text; "<s>" and "</s>" inside it become the BOS and EOS ids."""
+        """Token ids of text; "<s>", "</s>" and "<unk>" inside it become their ids."""
         ids = [self.bos_id] if bos else []
         at_start = not continuation
         for part in _SPECIAL.split(text):  # text, special, text, special, ..., text
-            if part in (BOS, EOS):
-                ids.append(self.bos_id if part == BOS else self.eos_id)
-                at_start = part == BOS
+            if part in self.special:
+                ids.append(self.special[part])
+                at_start = part == BOS or self.legacy
             elif part:
                 ids.extend((self.sp if at_start else self.sp_continue).encode(part))
         return ids
 
     def decode(self, ids, continuation=False):
-        """Text of ids, the inverse of encode with the same continuation flag; BOS/EOS come back as <s>/</s>."""
+        """Text of ids, the inverse of encode with the same continuation flag; special ids come back as text."""
+        text_of = {i: s for s, i in self.special.items()}
         out, run, at_start = [], [], not continuation
         for i in [int(i) for i in ids] + [None]:  # None flushes the last run of ordinary tokens
-            if i is None or i in (self.bos_id, self.eos_id):
+            if i is None or i in text_of:
                 if run:  # at a document start, sentencepiece drops the dummy space the encoder added
                     out.append((self.sp if at_start else self.sp_continue).decode(run))
                 run = []
                 if i is not None:
-                    out.append(BOS if i == self.bos_id else EOS)
-                    at_start = i == self.bos_id
+                    out.append(text_of[i])
+                    at_start = i == self.bos_id or self.legacy
             else:
                 run.append(i)
         return "".join(out)
@@ -97,6 +111,14 @@ def render_chat(messages, add_generation_prompt=False):
     No BOS in the text: the encoders prepend its id."""
     text = "".join(f"<|{m['role']}|>\n{m['content']}{EOS}\n" for m in messages)
     return text + "<|assistant|>\n" if add_generation_prompt else text
+
+
+# render_chat in Jinja, for transformers' apply_chat_template, vLLM's chat endpoint and lm-eval's
+# --apply_chat_template. It writes bos_token first, as Llama-family templates do, since those
+# tokenize the rendered text without adding special tokens: the ids are then encode_prompt's.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
 def split_chat(messages):
@@ -148,6 +170,203 @@ def decode_response(tokenizer, ids):
     if tokenizer.eos_id in ids:
         ids = ids[:ids.index(tokenizer.eos_id)]
     return tokenizer.decode(ids, continuation=True)
+
+# -----------------------------------------------------------------------------
+# transformers' tokenizer files. Those a checkpoint comes with decide `legacy`; every export carries
+# a full set, so transformers, vLLM and lm-eval tokenize and template as training did.
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def export_tokenizer(tokenizer_file, out_dir, source_dir=None, model_max_length=None):
+    """Write transformers' tokenizer files (TOKENIZER_FILES) into out_dir, beside an exported checkpoint.
+
+    With source_dir (the checkpoint that training started from) holding the same tokenizer.model,
+    its own files are copied unchanged (and its chat_template.jinja, if any) and only the missing
+    ones are written, except that a source without a chat template gets ours in its
+    tokenizer_config.json: the exported model was trained in it. Written files describe
+    Tokenizer(tokenizer_file), its legacy setting included. tokenizer.json is always there, so that
+    transformers need not convert tokenizer.model, which takes sentencepiece and protobuf (and
+    transformers 5 loses the dummy space doing it for model_type mistral). model_max_length: the
+    longest sequence the model takes; None writes transformers' "no limit", as Mistral-7B's does."""
+    tok = Tokenizer(tokenizer_file)
+    source = None
+    if source_dir is not None and os.path.exists(os.path.join(source_dir, "tokenizer.model")):
+        with open(tokenizer_file, "rb") as a, open(os.path.join(source_dir, "tokenizer.model"), "rb") as b:
+            same = a.read() == b.read()  # if not, the source's files describe another tokenizer: ignore them
+        if same and Tokenizer(os.path.join(source_dir, "tokenizer.model")).legacy != tok.legacy:
+            raise ValueError(f"{source_dir}: its tokenizer files ask for legacy={not tok.legacy}, "
+                             f"but {tokenizer_file} was read with legacy={tok.legacy}")
+        source = source_dir if same else None
+    pad = tok.sp.id_to_piece(tok.pad_id)
+    ours = {
+        "tokenizer_config.json": {
+            "tokenizer_class": "LlamaTokenizer", "bos_token": BOS, "eos_token": EOS, "unk_token": UNK,
+            "pad_token": pad, "add_bos_token": True, "add_eos_token": False, "legacy": tok.legacy,
+            "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
+            "model_max_length": int(1e30) if model_max_length is None else model_max_length},
+        "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": pad},
+        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    names = TOKENIZER_FILES + ("chat_template.jinja",)
+    copies = [name for name in names if source is not None and os.path.exists(os.path.join(source, name))]
+    for name in copies:  # read, then write: out_dir may be source_dir
+        with open(os.path.join(source, name), "rb") as f:
+            content = f.read()
+        if name == "tokenizer_config.json" and "chat_template" not in json.loads(content) \
+                and "chat_template.jinja" not in copies:
+            content = json.dumps({**json.loads(content), "chat_template": CHAT_TEMPLATE}, indent=2).encode()
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(content)
+    for name in TOKENIZER_FILES:
+        path = os.path.join(out_dir, name)
+        if name in copies:
+            continue
+        if name == "tokenizer.model":
+            if not (os.path.exists(path) and os.path.samefile(tokenizer_file, path)):
+                shutil.copyfile(tokenizer_file, path)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(_tokenizer_json(tok) if name == "tokenizer.json" else ours[name], f,
+                          indent=None if name == "tokenizer.json" else 2, ensure_ascii=False)
+
+
+NORMAL, USER_DEFINED, BYTE = 1, 4, 6  # sentencepiece's piece types (ModelProto.SentencePiece.Type)
+
+
+def _piece_types(tok):
+    """The type of every piece, read from the serialized model in protobuf's wire format: each
+    ModelProto field 1 is a piece, whose field 3 is its type (NORMAL when absent). sentencepiece's
+    Python API tells control, unknown, unused and byte pieces apart, but not user-defined ones."""
+    def fields(buf):  # (field number, value) of each field of one message
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            if key & 7 == 0:
+                value, i = varint(buf, i)
+            elif key & 7 == 2:
+                n, i = varint(buf, i)
+                value, i = buf[i:i + n], i + n
+            else:  # 1: 64-bit, 5: 32-bit (the score)
+                value, i = None, i + (8 if key & 7 == 1 else 4)
+            yield key >> 3, value
+
+    def varint(buf, i):
+        value = shift = 0
+        while True:
+            value, shift, i = value | (buf[i] & 0x7F) << shift, shift + 7, i + 1
+            if buf[i - 1] < 0x80:
+                return value, i
+    pieces = (value for field, value in fields(tok.sp.serialized_model_proto()) if field == 1)
+    return [dict(fields(piece)).get(3, NORMAL) for piece in pieces]
+
+
+# sentencepiece's dummy space as a normalizer of the tokenizers library. _PREPEND puts it before each
+# piece of text that the added tokens cut out before normalizing: after every special token, as under
+# legacy (Mistral-7B's own tokenizer.json). _AT_START puts it only at the start of such a piece and
+# not before "</s>" or "<unk>", which are then matched after normalizing rather than before: at the
+# start of the text and after <s> only, as without legacy (\A is the start of the text; ^ of a line).
+_PREPEND = {"type": "Prepend", "prepend": "▁"}
+_AT_START = {"type": "Replace", "pattern": {"Regex": "\\A(?!</s>|<unk>)"}, "content": "▁"}
+
+
+def _legacy_setting(tok, folder):
+    """The `legacy` setting that the transformers files in folder ask for; False where there are none.
+
+    tokenizer.json is what transformers runs for a Mistral checkpoint: its normalizer (above) or its
+    pre-tokenizer (Metaspace, transformers' own spelling) places the dummy space. tokenizer_config.json's
+    flag is what transformers builds a tokenizer from without tokenizer.json, and in version 5 for
+    model_type llama. Where both exist they must agree, since which one wins depends on the version."""
+    config_file, json_file = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "tokenizer.json")
+    config = None
+    if os.path.exists(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.get("add_bos_token") is False:
+            raise ValueError(f"{config_file}: add_bos_token is false, but every sequence here starts with {BOS}")
+    flag = (config or {}).get("legacy")
+    if not os.path.exists(json_file):
+        if config is not None and not isinstance(flag, bool):
+            raise ValueError(f"{config_file}: no `legacy` setting, and transformers versions disagree on its "
+                             "default; add \"legacy\": true or false, as the model was trained")
+        return bool(flag)
+    with open(json_file, encoding="utf-8") as f:
+        spec = json.load(f)
+    model, vocab = spec.get("model") or {}, {tok.sp.id_to_piece(i): i for i in range(tok.vocab_size)}
+    if model.get("type") != "BPE" or model.get("vocab") != vocab:
+        raise ValueError(f"{json_file}: not a BPE model with tokenizer.model's vocabulary")
+
+    def parts(x, key):  # a normalizer or pre-tokenizer, or the list of those in a Sequence
+        return [] if x is None else sum((parts(y, key) for y in x[key]), []) if key in x else [x]
+    normalizers = parts(spec.get("normalizer"), "normalizers")
+    pre_tokenizers = parts(spec.get("pre_tokenizer"), "pretokenizers")
+    schemes = [p.get("prepend_scheme") for p in pre_tokenizers if p.get("type") == "Metaspace"]
+    dummy_prefix = tok.sp.normalize("a") != "a"
+    if _PREPEND in normalizers or _AT_START in normalizers:
+        legacy = _PREPEND in normalizers
+    elif schemes and schemes[0] in ("always", "first"):
+        # transformers' own; the same on templated text, which neither starts with a space nor holds <s>
+        legacy = schemes[0] == "always"
+    elif dummy_prefix:
+        raise ValueError(f"{json_file}: it adds no dummy space, where tokenizer.model does")
+    else:  # no dummy space in either: both settings encode alike
+        legacy = bool(flag)
+    # added tokens are cut out of the text before anything else; data.py does that with the special ones,
+    # and sentencepiece keeps its user-defined pieces whole, which is the same where there is no dummy space
+    types = _piece_types(tok)
+    matched_late = {EOS, UNK} if _AT_START in normalizers else set()
+    for t in spec.get("added_tokens", []):
+        s, i = t["content"], t["id"]
+        known = tok.special.get(s) == i or (not dummy_prefix and 0 <= i < tok.vocab_size
+                                            and types[i] == USER_DEFINED and tok.sp.id_to_piece(i) == s)
+        if not known or t["normalized"] != (s in matched_late):
+            raise ValueError(f"{json_file}: added token {s!r} (id {i}) is not one that data.py reproduces")
+    if isinstance(flag, bool) and flag != legacy:
+        raise ValueError(f"{folder}: tokenizer_config.json says legacy={flag} but tokenizer.json encodes as "
+                         f"legacy={legacy}; transformers follows one or the other depending on its version")
+    return legacy
+
+
+def _tokenizer_json(tok):
+    """The `tokenizers` library's tokenizer.json that encodes as tok does, whatever the text.
+
+    sentencepiece's BPE repeatedly merges the adjacent pair that makes the best-scored piece; the
+    tokenizers library merges the pair that comes first in its list, so the list is sorted by score.
+    (transformers 5 sorts the merges it converts from tokenizer.model by id instead, which splits runs
+    of spaces differently: another reason to write this file.) The dummy space is _PREPEND or _AT_START."""
+    pieces, types = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)], _piece_types(tok)
+    dummy_prefix = tok.sp.normalize("a") != "a"
+    if dummy_prefix and USER_DEFINED in types:  # the demo tokenizer has no dummy space for this reason
+        raise ValueError("transformers cannot put sentencepiece's dummy space in front of a user-defined "
+                         "piece, and this tokenizer.model has both")
+    normal = {p: i for i, p in enumerate(pieces) if types[i] == NORMAL}
+    merges = sorted((-tok.sp.get_score(i), i, k, p[:k], p[k:]) for p, i in normal.items()
+                    for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal)
+    dummy = ([_PREPEND] if tok.legacy else [_AT_START]) if dummy_prefix else []
+    added = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": dummy == [_AT_START] and p in (EOS, UNK), "special": p in tok.special}
+             for i, p in enumerate(pieces) if p in tok.special or types[i] == USER_DEFINED]
+    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+    space = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": dummy + [space]}, "pre_tokenizer": None,
+        "post_processor": {  # BOS first, as add_bos_token says
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {BOS: {"id": BOS, "ids": [tok.bos_id], "tokens": [BOS]}}},
+        "decoder": {"type": "Sequence", "decoders": [  # the dummy space is stripped, as sentencepiece does
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+            *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy_prefix else [])]},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": BYTE in types,
+            "ignore_merges": False, "vocab": {p: i for i, p in enumerate(pieces)},
+            "merges": [[a, b] for _, _, _, a, b in merges]},
+    }
 
 # -----------------------------------------------------------------------------
 # dataset files: chat JSONL, self-play JSONL. Every bad line is reported as path:line: field: problem.
@@ -375,12 +594,16 @@ def exact_match(prediction, reference):
 def demo_tokenizer(chats, out_dir, vocab_size=320):
     """Train a small BPE sentencepiece model on the chats' text, write out_dir/tokenizer.model, load it.
 
-    Built like Mistral's (BPE, digits split, dummy prefix, <unk>=0, <s>=1, </s>=2 as control symbols,
-    no pad), so the demo runs the same code paths as the real thing, but without byte fallback: its
-    256 byte pieces would crowd the merges out of a vocabulary this small, and the demo text needs
-    none (other characters become <unk>). The demo text supports about 300 pieces; vocab_size caps
+    Built like Mistral's (BPE, digits split, <unk>=0, <s>=1, </s>=2 as control symbols, no pad), so
+    the demo runs the same code paths as the real thing, but without byte fallback: its 256 byte
+    pieces would crowd the merges out of a vocabulary this small, and the demo text needs none
+    (other characters become <unk>). The demo text supports about 300 pieces; vocab_size caps
     them. The template's tags and "\\n" are user-defined symbols, kept whole and never merged with
     neighbours, so a response is split the same way whether or not its prompt is encoded with it.
+    No dummy prefix either: sentencepiece would put that space before the tag that starts the text
+    ("▁", "<|user|>"), which transformers' tokenizers cannot do, so exports would not tokenize as
+    training did; and it is the only dummy space the template would get, as every turn's text
+    follows a "\\n".
     Single-threaded on an ordered input, training is deterministic: the same chats give the same
     file, in well under a second."""
     texts = [render_chat(chat["messages"]).replace(EOS, "") for chat in chats]  # EOS is a control symbol, not text
@@ -388,7 +611,7 @@ def demo_tokenizer(chats, out_dir, vocab_size=320):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         hard_vocab_limit=False, character_coverage=1.0, byte_fallback=False, split_digits=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         user_defined_symbols=["<|system|>", "<|user|>", "<|assistant|>", "\n"],
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     os.makedirs(out_dir, exist_ok=True)
@@ -396,6 +619,199 @@ def demo_tokenizer(chats, out_dir, vocab_size=320):
     with open(path, "wb") as f:
         f.write(model.getvalue())
     return Tokenizer(path)
+
+# -----------------------------------------------------------------------------
+# converting the common SFT layouts (ShareGPT, Alpaca) into chat JSONL
+#
+# A converted record is checked by _check_messages, the same check load_chats applies, so what
+# convert writes always loads. What cannot become a valid chat goes to the rejected file with its
+# line and the reason, named in the input's own fields (conversations[3].from, not messages[3].role).
+
+CONVERT_LAYOUTS = ("sharegpt", "alpaca", "messages")
+# ShareGPT's speakers; dumps also spell them "user"/"assistant", and the original ShareGPT "chatgpt"
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
+                  "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant"}
+
+
+class _Reject(Exception):
+    """A record that cannot become a chat: (field or None, problem[, the text of a line that is not JSON])."""
+
+
+def _from_sharegpt(record):
+    """(messages, fields): fields[i] names where turn i came from, as (turn, role field, content field).
+    An optional top-level "system" string becomes the system turn."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _Reject("conversations", "missing or null" if turns is None else "must be a non-empty list of turns")
+    messages, fields = [], []
+    if record.get("system") is not None:
+        messages.append({"role": "system", "content": record["system"]})
+        fields.append(("system",) * 3)
+    for j, turn in enumerate(turns):
+        where = f"conversations[{j}]"
+        if not isinstance(turn, dict):
+            raise _Reject(where, f"must be an object with from and value, got {type(turn).__name__}")
+        speaker = turn.get("from")
+        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise _Reject(f"{where}.from", "missing or null" if speaker is None else
+                          f"unknown speaker {speaker!r} (expected one of {tuple(SHAREGPT_ROLES)})")
+        messages.append({"role": role, "content": turn.get("value")})
+        fields.append((where, f"{where}.from", f"{where}.value"))
+    return messages, fields
+
+
+def _from_alpaca(record):
+    """(messages, fields): instruction, and input after a blank line when there is one, become the
+    user turn; output the assistant turn; an optional "system" the system turn."""
+    instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
+    if extra is not None and not isinstance(extra, str):
+        raise _Reject("input", f"must be a string, got {type(extra).__name__}")
+    if isinstance(instruction, str) and instruction.strip() and extra and extra.strip():
+        user = f"{instruction}\n\n{extra}"
+    else:
+        user = instruction  # a missing, empty or non-string instruction is reported by the check
+    messages, fields = [], []
+    if record.get("system") is not None:
+        messages.append({"role": "system", "content": record["system"]})
+        fields.append(("system",) * 3)
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    fields += [("instruction",) * 3, ("output",) * 3]
+    return messages, fields
+
+
+def _from_messages(record):
+    """(messages, fields) of our own layout: turns keep only role and content."""
+    turns = record.get("messages")
+    if not isinstance(turns, list):
+        return turns, []  # the check names it
+    messages = [{"role": t.get("role"), "content": t.get("content")} if isinstance(t, dict) else t for t in turns]
+    return messages, [(f"messages[{i}]", f"messages[{i}].role", f"messages[{i}].content") for i in range(len(turns))]
+
+
+_CONVERTERS = {"sharegpt": _from_sharegpt, "alpaca": _from_alpaca, "messages": _from_messages}
+_LIST_FIELD = {"sharegpt": "conversations", "alpaca": None, "messages": "messages"}
+
+
+def _to_chat(record, layout, first_turn=False):
+    """A record of the given layout as a chat {"messages": [...]}, or raise _Reject(field, problem).
+
+    first_turn keeps the optional system turn and the first user/assistant exchange, as SPIN and
+    SPACE use UltraChat; the turns after it are not checked, since they are not kept. An empty system
+    prompt, as some dumps carry in every record, is no system prompt: it is left out."""
+    if not isinstance(record, dict):
+        raise _Reject(None, f"not a JSON object (got {type(record).__name__})")
+    messages, fields = _CONVERTERS[layout](record)
+    first = messages[0] if isinstance(messages, list) and messages else None
+    if isinstance(first, dict) and first["role"] == "system" and isinstance(first["content"], str) and not first["content"].strip():
+        messages, fields = messages[1:], fields[1:]
+    if first_turn and isinstance(messages, list) and messages:
+        keep = 3 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 2
+        messages, fields = messages[:keep], fields[:keep]
+    problem = _check_messages(messages, last_role="assistant")
+    if problem:
+        field, why = problem
+        # messages[i], messages[i].role, messages[i].content -> the input's own field
+        m = re.fullmatch(r"messages\[(\d+)\](?:\.(role|content))?", field)
+        if m:
+            field = fields[int(m[1])][(None, "role", "content").index(m[2])]
+        elif field == "messages":
+            field = _LIST_FIELD[layout]
+        raise _Reject(field, why)
+    return {"messages": messages}
+
+
+def rejected_path(out_path):
+    """Where convert writes what it rejects: OUT with a .jsonl suffix removed, plus .rejected.jsonl
+    (chats.jsonl -> chats.rejected.jsonl; chats -> chats.rejected.jsonl)."""
+    return out_path.removesuffix(".jsonl") + ".rejected.jsonl"
+
+
+def _input_records(path):
+    """Yield (where, location, record) for every record of a JSONL file or a JSON array; a line that is
+    not JSON yields a _Reject in place of the record.
+
+    The format is told by the first non-space character: "[" starts a JSON array, read whole, whose
+    records are located by their index ({"record": i}); anything else is JSONL, read line by line
+    ({"line": n}; blank lines hold no record and are skipped, but keep their numbers). A JSON array that does not parse is one error
+    for the whole file: no record of it can be trusted."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                array = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else e.reason
+            raise ValueError(f"{path}: not a valid JSON array ({why})") from None
+        for i, record in enumerate(array):
+            yield f"{path}: record {i}", {"record": i}, record
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where, location = f"{path}:{n}", {"line": n}
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield where, location, _Reject(None, f"not valid UTF-8 ({e.reason} at byte {e.start})",
+                                               raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, location, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, location, _Reject(None, f"not valid JSON ({e.msg} at column {e.colno})", line.rstrip("\r\n"))
+
+
+def convert(in_path, out_path, layout, first_turn=False):
+    """Convert a ShareGPT, Alpaca or chat file (JSONL or a JSON array) to chat JSONL at out_path.
+
+    Every record lands in one of two files: the chat at out_path, or, at rejected_path(out_path), a
+    line {"line": n (or "record": i), "reason": "field: problem", "input": the record, or the text of
+    a line that is not JSON}. Prints the counts and the first reasons; returns (read, written,
+    rejected). Both files are written under temporary names and renamed at the end, so a failed
+    run leaves no half-written file."""
+    if layout not in _CONVERTERS:
+        raise ValueError(f"unknown layout {layout!r} (expected one of {CONVERT_LAYOUTS})")
+    bad_path = rejected_path(out_path)
+    if os.path.abspath(in_path) in (os.path.abspath(out_path), os.path.abspath(bad_path)):
+        raise ValueError(f"{in_path}: the output would overwrite the input")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    read = written = rejected = 0
+    shown = []
+    try:
+        with open(f"{out_path}.tmp", "w", encoding="utf-8") as out, open(f"{bad_path}.tmp", "w", encoding="utf-8") as bad:
+            for where, location, record in _input_records(in_path):
+                read += 1
+                try:
+                    if isinstance(record, _Reject):
+                        raise record
+                    chat = _to_chat(record, layout, first_turn)
+                except _Reject as e:
+                    field, why, *text = e.args  # a line that is not JSON comes with its text
+                    reason = f"{field}: {why}" if field else why
+                    entry = {**location, "reason": reason, "input": text[0] if text else record}
+                    bad.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    rejected += 1
+                    if len(shown) < 5:
+                        shown.append(f"{where}: {reason}")
+                    continue
+                out.write(json.dumps(chat, ensure_ascii=False) + "\n")
+                written += 1
+    except BaseException:
+        for tmp in (f"{out_path}.tmp", f"{bad_path}.tmp"):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    os.replace(f"{out_path}.tmp", out_path)
+    os.replace(f"{bad_path}.tmp", bad_path)
+    print(f"{in_path}: read {read}, written {written} to {out_path}, rejected {rejected} to {bad_path}")
+    for line in shown:
+        print(f"  rejected {line}", file=sys.stderr)
+    if rejected > len(shown):
+        print(f"  ... and {rejected - len(shown)} more in {bad_path}", file=sys.stderr)
+    return read, written, rejected
 
 # -----------------------------------------------------------------------------
 # command line
@@ -439,7 +855,8 @@ def check(path, tokenizer_file=None, max_prompt=512, max_length=1024):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check dataset files, or write the built-in demo task.")
+    parser = argparse.ArgumentParser(description="Check dataset files, convert other SFT layouts to chat JSONL, "
+                                                 "or write the built-in demo task.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("check", help="validate a chat or self-play JSONL file and print its statistics")
     p.add_argument("file", help="chat JSONL ({'messages': [...]} a line) or self-play JSONL")
@@ -449,6 +866,16 @@ def main(argv=None):
     p = commands.add_parser("demo", help="write the demo task as chat JSONL plus its tokenizer")
     p.add_argument("out_dir", help="writes train.jsonl, selfplay.jsonl, test.jsonl and tokenizer.model here")
     p.add_argument("--seed", type=int, default=0, help="the splits are a function of the seed")
+    p = commands.add_parser("convert", help="turn ShareGPT, Alpaca or chat records (JSONL or a JSON array) into chat JSONL",
+                            description="Records that cannot become a valid chat go, each with its line (or array "
+                                        "index) and the reason, to OUT.rejected.jsonl: chats.jsonl -> chats.rejected.jsonl.")
+    p.add_argument("input", metavar="IN", help="JSONL, one record a line, or a JSON array of records (told apart by the first character)")
+    p.add_argument("output", metavar="OUT", help="chat JSONL to write ({'messages': [...]} a line)")
+    p.add_argument("--from", dest="layout", required=True, choices=CONVERT_LAYOUTS,
+                   help="sharegpt: {'conversations': [{'from': 'human'|'gpt'|'system', 'value'}]}; "
+                        "alpaca: {'instruction', 'input', 'output'}; messages: our own layout, checked and cleaned")
+    p.add_argument("--first-turn", action="store_true",
+                   help="keep only the system turn (if any) and the first user/assistant exchange, as SPIN and SPACE use UltraChat")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -458,6 +885,15 @@ def main(argv=None):
         tokenizer = demo_tokenizer(splits["train"], args.out_dir)
         print(f"{args.out_dir}: " + ", ".join(f"{len(c)} {n}" for n, c in splits.items()) + f", vocab {tokenizer.vocab_size}")
         return 0
+    if args.command == "convert":
+        try:
+            _, written, _ = convert(args.input, args.output, args.layout, args.first_turn)
+        except (ValueError, OSError) as e:  # a JSON array that does not parse, or a missing file
+            print(e, file=sys.stderr)
+            return 1
+        if not written:
+            print(f"{args.input}: no record became a chat; is --from {args.layout} its layout?", file=sys.stderr)
+        return 0 if written else 1
     try:
         check(args.file, args.tokenizer, args.max_prompt, args.max_length)
     except (ValueError, OSError) as e:  # a bad line (named path:line) or a missing file: exit 1

@@ -12,13 +12,15 @@ followed by a SwiGLU feed-forward; RMSNorm everywhere; an untied (or tied) outpu
 
 Checkpoints: Hugging Face folders (config.json + model.safetensors, or shards listed in
 model.safetensors.index.json; model_type "mistral" or "llama") and Mistral's native folders
-(params.json + consolidated.safetensors) load; save_model writes the Hugging Face layout, so a
-trained model goes straight to transformers, lm-eval or vLLM. This file needs only torch and
-safetensors.
+(params.json + consolidated.safetensors) load; save_model writes the Hugging Face layout, in
+5 GB shards as transformers does, so a trained model goes straight to transformers, lm-eval or
+vLLM. A damaged file (truncated, not safetensors, JSON that does not parse) is reported with its
+path and the reason. This file needs only torch and safetensors.
 """
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -285,6 +287,9 @@ _HF_LAYER = {
     "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+# transformers' names: one file, or shards model-00001-of-00003.safetensors ... listed in the index
+INDEX_NAME = "model.safetensors.index.json"
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def hf_name(name: str) -> str:
@@ -303,12 +308,36 @@ def _interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def _read_json(path) -> dict:
+    """A JSON object from a checkpoint folder; a file that does not parse is named with the line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _read_safetensors(files, rename, dtype, device):
     """Yield (file, our name, its name in the file, tensor) from safetensors files, one tensor at a time, so that casting a 7B
     checkpoint to another dtype never holds two copies of it."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     for f in files:
-        with safe_open(f, framework="pt", device="cpu") as st:
+        # safetensors' own messages ("incomplete metadata, file not fully covered") do not say which
+        # file of a sharded checkpoint is bad; the header is parsed and checked against the file size
+        # when it is opened, so that is where a truncated or foreign file shows up
+        try:
+            st = safe_open(f, framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e}); a truncated file, as an interrupted "
+                             "copy or download leaves it, or a file in another format reads this way") from None
+        except OSError as e:
+            raise OSError(f"{f}: cannot read the file ({e})") from None
+        with st:
             for key in st.keys():
                 name = rename(key)
                 yield f, name, key, st.get_tensor(key).to(device=device, dtype=dtype)
@@ -322,13 +351,13 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     path = str(path)
     if os.path.exists(os.path.join(path, "config.json")):
         src = os.path.join(path, "config.json")
-        with open(src) as f:
-            args = ModelArgs.from_hf(json.load(f), src)
-        index = os.path.join(path, "model.safetensors.index.json")
+        args = ModelArgs.from_hf(_read_json(src), src)
+        index = os.path.join(path, INDEX_NAME)
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            files = [os.path.join(path, f) for f in files]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
         else:
             files = [os.path.join(path, "model.safetensors")]
         ours = {hf_name(n): n for n in _param_names(args)}
@@ -336,8 +365,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
         permute = None
     elif os.path.exists(os.path.join(path, "params.json")):
         src = os.path.join(path, "params.json")
-        with open(src) as f:
-            args = ModelArgs.from_mistral(json.load(f), src)
+        args = ModelArgs.from_mistral(_read_json(src), src)
         files = [os.path.join(path, "consolidated.safetensors")]
         rename = lambda key: key
         permute = {"wq": args.n_heads, "wk": args.n_kv_heads}
@@ -376,18 +404,62 @@ def _param_names(args: ModelArgs):
         return [n for n, _ in Transformer(args).named_parameters()] + (["output.weight"] if args.tie_embeddings else [])
 
 
-def save_model(model: Transformer, path, state_dict: dict | None = None):
-    """Write the Hugging Face layout: config.json + model.safetensors (tied heads stored once).
-    state_dict lets a distributed trainer pass a gathered full state dict instead of the module's."""
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size) -> int:
+    """Bytes in a shard size: an int, or a string such as "5GB", "500MB" or "2GiB". As in transformers,
+    KB/MB/GB/TB are powers of 1000 and KiB/MiB/GiB/TiB powers of 1024."""
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", size, re.IGNORECASE)
+        if m is None:
+            raise ValueError(f"max_shard_size {size!r}: expected bytes or a number with KB, MB, GB, TB (or KiB, MiB, ...)")
+        size = float(m[1]) * _SIZE_UNITS[m[2].upper()] if m[2] else float(m[1])
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or int(size) < 1:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {size!r}")
+    return int(size)
+
+
+def save_model(model: Transformer, path, state_dict: dict | None = None, max_shard_size="5GB"):
+    """Write the Hugging Face layout: config.json + model.safetensors, or, when the tensors exceed
+    max_shard_size, shards model-0000k-of-0000n.safetensors + model.safetensors.index.json (tied heads
+    stored once). state_dict lets a distributed trainer pass a gathered full state dict instead of the
+    module's. Weight files of an earlier save into the same folder are removed first, so a folder
+    never holds two layouts (the index would win, pointing at stale shards)."""
     from safetensors.torch import save_file
+    max_bytes = parse_size(max_shard_size)
     os.makedirs(path, exist_ok=True)
     args = model.args
     state = state_dict if state_dict is not None else model.state_dict()
-    tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in state.items()
-               if not (args.tie_embeddings and n == "output.weight")}
+    tensors = {hf_name(n): t.detach() for n, t in state.items() if not (args.tie_embeddings and n == "output.weight")}
     dtypes = {t.dtype for t in tensors.values()}
     cfg = args.to_hf()
     cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+    # Fill shards in the model's own order (embedding, layer 0, 1, ..., norm, head), so a layer's
+    # tensors sit together and the same model always gives the same files. A tensor is never split:
+    # one larger than max_bytes gets a shard of its own, as in transformers.
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+
+    for f in os.listdir(path):
+        if f == INDEX_NAME or _WEIGHT_FILE.fullmatch(f):
+            os.remove(os.path.join(path, f))
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    for shard, file in zip(shards, names):  # one shard at a time on the host, however large the model
+        save_file({k: t.contiguous().cpu() for k, t in shard.items()}, os.path.join(path, file), metadata={"format": "pt"})
+    if len(shards) > 1:  # the index last: it never names a shard that is not written yet
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: file for shard, file in zip(shards, names) for k in shard}}
+        with open(os.path.join(path, INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from parallel import from_rank0
 from sample import generate
 from space import sequence_logprobs
 
@@ -72,17 +73,7 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Distributed helpers: rank 0 decides, every rank follows
-
-
-def from_rank0(fn):
-    """fn() evaluated on rank 0 only and handed to every rank. Decisions that read the filesystem
-    (is there a checkpoint? which parts exist?) are made once, so ranks on different nodes cannot
-    disagree and split, and data read once is not read again by every rank."""
-    value = [fn() if not dist.is_initialized() or dist.get_rank() == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(value, src=0)
-    return value[0]
+# Chunks of work over the ranks
 
 
 def chunked(items, size):
@@ -141,6 +132,10 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
     reused = chunked(from_rank0(lambda: previous_samples(cfg, t, len(chats))), cfg.gen_batch)
     os.makedirs(folder, exist_ok=True)
     todo = from_rank0(lambda: [c for c in range(len(prompts)) if not os.path.exists(part_path(folder, c))])
+    if rank == 0:
+        reuse = f"; reusing the samples of iterations {max(0, t - cfg.mix_previous)}..{t - 1}" if t and cfg.mix_previous else ""
+        print(f"iteration {t}: generating {len(todo)} of {len(prompts)} chunks ({len(prompts) - len(todo)} already "
+              f"on disk){reuse}", flush=True)
     for c in tqdm(todo[rank::world], desc=f"generate iter {t}", disable=rank != 0, leave=False):
         ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts[c]]
         # one seed per chunk of prompts: the same samples whatever the number of ranks

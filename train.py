@@ -27,28 +27,29 @@ Every --ckpt-every steps the full state (weights, optimizer, step, iteration, ph
 file's length) is written with torch.distributed.checkpoint; --resume continues from it, with any
 number of ranks, and ends where an uninterrupted run ends. A NaN or inf loss stops the run before
 the optimizer step, so the last checkpoint stays good. Across nodes OUT must be a shared filesystem.
+
+This file is the loop, read top to bottom. Three ideas live beside it: selfplay.py (the round of
+step 1, and evaluation), parallel.py (process group, FSDP2/HSDP, rank-0 decisions) and
+checkpoint.py (resume checkpoints and exports).
 """
 import argparse
-import datetime
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from tqdm import tqdm
 
 import data
-from model import ModelArgs, Transformer, load_model, save_model
-from selfplay import evaluate, from_rank0, greedy_samples, score, self_play_round, to_device
-from space import (gem_loss, ipo_loss, reward_metrics, sequence_logprobs, sft_loss, simpo_loss,
-                   space_loss, spin_loss)
+from checkpoint import Run, export, latest_checkpoint, load_optimizer, resume, save_checkpoint
+from model import ModelArgs, Transformer, load_model
+from parallel import (all_sum, barrier, check_shared_out, from_rank0, frozen_copy, parallelize, print0,
+                      setup_distributed)
+from selfplay import evaluate, score, self_play_round, to_device
+from space import gem_loss, ipo_loss, reward_metrics, sequence_logprobs, sft_loss, simpo_loss, space_loss, spin_loss
 
 # -----------------------------------------------------------------------------
 # Presets: every flag's default. A flag given on the command line wins.
@@ -171,99 +172,7 @@ def parse_args(argv=None):
     return args
 
 # -----------------------------------------------------------------------------
-# Distributed plumbing: the same code runs as one process or under torchrun
-
-
-def setup_distributed(cfg):
-    """(rank, world, device, mesh). mesh is None for one process, a 1-D mesh for FSDP, or a 2-D
-    (replicate, shard) mesh for HSDP with --shard-size."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world == 1:
-        return 0, 1, device, None
-    # device_id binds the process group to this rank's GPU up front. The timeout is how long a rank
-    # waits in a collective: NCCL's default 10 minutes is shorter than rank 0's export of a 14.5 GB
-    # checkpoint, or than one rank's generation outlasting another's.
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                            timeout=datetime.timedelta(minutes=cfg.dist_timeout))
-    from torch.distributed.device_mesh import init_device_mesh
-    shard = cfg.shard_size or world
-    if world % shard:
-        raise SystemExit(f"--shard-size {shard} does not divide the {world} ranks")
-    if shard == world:
-        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    else:  # HSDP: all-gather and reduce-scatter within a node, one all-reduce across nodes
-        mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
-    return dist.get_rank(), world, device, mesh
-
-
-def print0(*a):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, flush=True)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_sum(values, device) -> list[float]:
-    """Sum numbers (floats or 0-d tensors) over the ranks, in fp64 so the sum does not depend on how
-    the work was split. One read-back to the host for all of them."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def check_shared_out(out, rank, world):
-    """Across nodes OUT must be one filesystem: checkpoints, generation parts and the demo tokenizer are
-    written by one rank and read by the others. Rank 0 writes a fresh token; a rank that cannot read
-    it back stops the run now, with the reason, instead of hanging later in a collective."""
-    if world == 1:
-        return
-    path = os.path.join(out, ".shared-fs-check")
-
-    def write():
-        token = f"{os.getpid()}-{time.time_ns()}"
-        with open(path, "w") as f:
-            f.write(token)
-        return token
-    token = from_rank0(write)
-    try:
-        with open(path) as f:
-            seen = f.read() == token
-    except OSError:
-        seen = False
-    everyone = [None] * world
-    dist.all_gather_object(everyone, seen)
-    blind = [r for r, ok in enumerate(everyone) if not ok]
-    if blind:
-        raise SystemExit(f"ranks {blind} cannot read {path}, which rank 0 just wrote: --out must be on a "
-                         "filesystem shared by every node (checkpoints, self-play parts and the tokenizer are "
-                         "written by one rank and read by the others)")
-
-
-def parallelize(model, cfg, world, device, mesh=None):
-    """FSDP2, as torchtitan applies it: optional activation checkpointing, fully_shard per block, then
-    the root. The root keeps its weights gathered after forward because the loss uses output.weight
-    (the fused log-prob takes hidden states and the head's weight) outside the forward call. On a 2-D
-    mesh fully_shard is HSDP: sharded along "shard", replicated along "replicate"."""
-    if cfg.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block)
-    if world == 1:
-        return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else MixedPrecisionPolicy()
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    return model
+# θ_0, and θ_t as the opponent of its round
 
 
 def build_model(cfg, tok, rank, world, device, mesh):
@@ -291,22 +200,6 @@ def build_model(cfg, tok, rank, world, device, mesh):
 def autocast(cfg, device):
     """bf16 autocast for a single process; under FSDP the mixed-precision policy casts instead."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and not dist.is_initialized())
-
-
-def frozen_copy(model, dtype, device) -> Transformer:
-    """The full weights gathered onto every rank as a plain, unsharded Transformer in eval mode.
-    Generation runs a different number of forward passes on each rank, which sharded weights (one
-    collective per block per pass) would deadlock on."""
-    state = {}
-    for name, t in model.state_dict().items():  # under FSDP, shards: gather one tensor at a time
-        t = t.full_tensor() if hasattr(t, "full_tensor") else t
-        state[name] = t.to(device=device, dtype=dtype, copy=True)
-    with torch.device("meta"):
-        copy = Transformer(model.args)
-    copy.load_state_dict(state, assign=True)
-    if copy.args.tie_embeddings:
-        copy.output.weight = copy.tok_embeddings.weight
-    return copy.eval().requires_grad_(False)
 
 
 def opponent(model, cfg, world, device):
@@ -465,107 +358,6 @@ def train_phase(model, cfg, run, method, examples, epochs, lr, beta, batch_size,
         if run.step % cfg.ckpt_every == 0 and run.step < total:
             save_checkpoint(cfg, run, model, opt)
     bar.close()
-
-# -----------------------------------------------------------------------------
-# Run state, checkpoints and logs
-
-
-class Run:
-    """Where the run is (phase, iteration, step), what it has measured, and the metrics log."""
-
-    def __init__(self, cfg, rank, world):
-        self.rank, self.world, self.out = rank, world, cfg.out
-        self.phase, self.iteration, self.step, self.global_step = "sft", 0, 0, 0
-        self.stats, self.summary, self.latest = {}, [], None
-        self.metrics = os.path.join(cfg.out, "metrics.jsonl")
-
-    def state(self):
-        return {k: getattr(self, k) for k in ("phase", "iteration", "step", "global_step", "stats", "summary")}
-
-    def log(self, record):
-        if self.rank == 0:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def save_checkpoint(cfg, run, model, opt=None):
-    """Weights (and optimizer, mid-phase) through torch.distributed.checkpoint, each rank its shard,
-    into a new folder; then `latest` is switched to it with an atomic rename, so a kill at any moment
-    leaves the previous checkpoint whole. No RNG state is saved: nothing draws from the global RNG
-    (batches, sampling and initialisation have seeded generators of their own), so any number of
-    ranks can resume any checkpoint."""
-    root = os.path.join(cfg.out, "ckpt")
-    name = f"{run.phase}{run.iteration}_step{run.step}"
-    path = os.path.join(root, name)
-    if run.rank == 0 and os.path.exists(path):
-        shutil.rmtree(path)
-    barrier()
-    state = {"model": get_model_state_dict(model)}
-    if opt is not None:
-        state["optim"] = get_optimizer_state_dict(model, opt)
-    dcp.save(state, checkpoint_id=path)
-    barrier()
-    if run.rank == 0:
-        size = os.path.getsize(run.metrics) if os.path.exists(run.metrics) else 0
-        with open(os.path.join(path, "run.json"), "w") as f:
-            json.dump({**run.state(), "metrics_bytes": size}, f)
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        for old in os.listdir(root):
-            if old not in (name, "latest"):
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    run.latest = name
-    barrier()
-
-
-def latest_checkpoint(cfg):
-    marker = os.path.join(cfg.out, "ckpt", "latest")
-    if not os.path.exists(marker):
-        return None
-    with open(marker) as f:
-        return os.path.join(cfg.out, "ckpt", f.read().strip())
-
-
-def load_optimizer(cfg, model, opt):
-    """The optimizer's state from the latest checkpoint (DCP reshards it to this run's ranks)."""
-    state = {"optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=from_rank0(lambda: latest_checkpoint(cfg)))
-    set_optimizer_state_dict(model, opt, state["optim"])
-
-
-def resume(cfg, run, model):
-    """Put the run and the weights back where the latest checkpoint left them; drop the metric lines
-    logged after it (they will be logged again). Rank 0 reads where, every rank loads its shards."""
-    path = from_rank0(lambda: latest_checkpoint(cfg))
-
-    def read():
-        with open(os.path.join(path, "run.json")) as f:
-            return json.load(f)
-    saved = from_rank0(read)
-    for k in run.state():
-        setattr(run, k, saved[k])
-    run.latest = os.path.basename(path)
-    state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    barrier()
-    if run.rank == 0 and os.path.exists(run.metrics):
-        with open(run.metrics, "r+") as f:
-            f.truncate(saved["metrics_bytes"])
-    print0(f"resumed from {path}: {run.phase} {run.iteration}, step {run.step}")
-
-
-def export(policy, tok, tok_file, held_out, cfg, t):
-    """OUT/iter_t/: θ_t in the Hugging Face layout with its tokenizer files, and its greedy replies to
-    the first held-out prompts (samples.jsonl; the first one is printed). Rank 0 only."""
-    folder = os.path.join(cfg.out, f"iter_{t}")
-    save_model(policy, folder)
-    shutil.copy(tok_file, os.path.join(folder, "tokenizer.model"))
-    samples = greedy_samples(policy, tok, held_out, cfg)
-    data.save_jsonl(os.path.join(folder, "samples.jsonl"), samples)
-    first = samples[0]
-    print(f"θ_{t} on {first['messages'][-1]['content']!r}: {first['reply']!r}", flush=True)
 
 # -----------------------------------------------------------------------------
 # The data of a run

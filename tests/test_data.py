@@ -1,8 +1,10 @@
-"""Tests for data.py: the tokenizer against sentencepiece itself, the template and loss mask on the real
-Mistral-7B tokenizer, every kind of bad JSONL line, truncation, batching and the demo task."""
+"""Tests for data.py: the tokenizer against sentencepiece itself (under both `legacy` settings), the
+template and loss mask on the real Mistral-7B tokenizer, every kind of bad JSONL line, truncation,
+batching and the demo task. tests/test_export.py holds the comparisons with transformers."""
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -34,6 +36,11 @@ def tok():
 def sp():  # sentencepiece on its own: the independent reference
     return spm.SentencePieceProcessor(model_file=MISTRAL)
 
+
+@pytest.fixture(scope="module")
+def tok_legacy():  # as Mistral-7B's and zephyr's transformers tokenizers are published
+    return data.Tokenizer(MISTRAL, legacy=True)
+
 # -----------------------------------------------------------------------------
 # the tokenizer and the template, on Mistral-7B's tokenizer
 
@@ -60,11 +67,12 @@ def test_plain_text_is_sentencepiece(tok, sp, text):
 @pytest.mark.parametrize("text", [
     "<|user|>\nHi</s>\n<|assistant|>\n", "<s><|user|>\nHi</s>\n<|assistant|>\nHello</s>",
     " leading", "trailing ", "  both  ", "</s> after eos", "a<s> b</s>c", "héllo 日本 🎉 Ω≈ç√",
-    "0123456789 9876543210", "", "\n", "</s></s>",
+    "0123456789 9876543210", "", "\n", "</s></s>", "a<unk> b", "<unk></s> <unk>",
 ])
-def test_roundtrip(tok, text):
-    assert tok.decode(tok.encode(text)) == text
-    assert tok.decode(tok.encode(text, continuation=True), continuation=True) == text
+def test_roundtrip(tok, tok_legacy, text):
+    for t in (tok, tok_legacy):
+        assert t.decode(t.encode(text)) == text
+        assert t.decode(t.encode(text, continuation=True), continuation=True) == text
 
 
 def test_no_space_after_eos(tok, sp):
@@ -72,6 +80,39 @@ def test_no_space_after_eos(tok, sp):
     after = ids[ids.index(tok.eos_id) + 1:]
     assert after == sp.encode("\n<|assistant|>\n")[1:]  # sentencepiece's own, minus only its dummy "▁"
     assert sp.id_to_piece(after[0]) == "<0x0A>"
+
+
+def test_legacy_puts_the_dummy_space_after_every_special_token(tok, tok_legacy, sp):
+    text = "<|user|>\nHi</s>\n<|assistant|>\n</s>Yo<unk> x<s>z"
+    # legacy: each piece of text between special tokens is a sentencepiece document of its own
+    assert tok_legacy.encode(text) == (sp.encode("<|user|>\nHi") + [2] + sp.encode("\n<|assistant|>\n") + [2]
+                                       + sp.encode("Yo") + [0] + sp.encode(" x") + [1] + sp.encode("z"))
+    assert sp.id_to_piece(tok_legacy.encode("</s>\n")[1]) == "▁"
+    # without: only the start and text after <s> get the dummy space ("\n" then text, minus "▁\n": see above)
+    def cont(x):
+        return sp.encode("\n" + x)[2:]
+    assert tok.encode(text) == (sp.encode("<|user|>\nHi") + [2] + cont("\n<|assistant|>\n") + [2]
+                                + cont("Yo") + [0] + cont(" x") + [1] + sp.encode("z"))
+    # a response continues its prompt under both settings
+    assert tok_legacy.encode("Hi</s>", continuation=True) == tok.encode("Hi</s>", continuation=True) == cont("Hi") + [2]
+
+
+def test_unk_is_a_special_token(tok, sp):
+    # transformers reads "<unk>" in text as the unknown token; sentencepiece alone would spell it out
+    assert tok.encode("<unk>") == [tok.unk_id] == [0] and sp.encode("<unk>") != [0]
+    assert tok.decode([0]) == "<unk>"
+
+
+def test_legacy_is_read_beside_the_model_file(tmp_path):
+    shutil.copy(MISTRAL, tmp_path / "tokenizer.model")
+    model_file = str(tmp_path / "tokenizer.model")
+    assert not data.Tokenizer(model_file).legacy  # no transformers files: sentencepiece's rule
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": True}))
+    assert data.Tokenizer(model_file).legacy
+    assert not data.Tokenizer(model_file, legacy=False).legacy  # the argument wins
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    with pytest.raises(ValueError, match="no `legacy` setting"):
+        data.Tokenizer(model_file)
 
 
 def test_chat_has_bos_and_an_eos_per_turn(tok):
@@ -355,6 +396,7 @@ def test_demo_tokenizer(tmp_path):
     with open(tmp_path / "a" / "tokenizer.model", "rb") as a, open(tmp_path / "b" / "tokenizer.model", "rb") as b:
         assert a.read() == b.read()  # same chats, same model
     assert 200 < tok.vocab_size <= 320 and (tok.bos_id, tok.eos_id, tok.sp.unk_id()) == (1, 2, 0)
+    assert tok.encode("Add 2") == tok.encode("Add 2", continuation=True)  # no dummy space: see demo_tokenizer
     assert tok.encode("</s>") == [tok.eos_id] and tok.encode("<s>") == [tok.bos_id]
     for tag in ("<|user|>", "<|assistant|>", "<|system|>", "\n"):
         assert len(tok.encode(tag, continuation=True)) == 1
@@ -370,3 +412,207 @@ def test_demo_command(tmp_path, capsys):
     assert data.main(["demo", str(tmp_path)]) == 0
     assert sorted(os.listdir(tmp_path)) == ["selfplay.jsonl", "test.jsonl", "tokenizer.model", "train.jsonl"]
     assert data.load_chats(str(tmp_path / "test.jsonl")) == data.demo_splits(seed=0)["test"]
+
+# -----------------------------------------------------------------------------
+# data.py convert: ShareGPT, Alpaca and our own layout into chat JSONL. The expected chats are
+# written out by hand, turn by turn, from the layouts' published shapes.
+
+
+def _m(*turns):  # ("user", "Hi"), ... -> a chat
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+SHAREGPT = [  # (record, the chat it must become)
+    ({"conversations": [{"from": "human", "value": "What is 2 + 2?"}, {"from": "gpt", "value": "2 + 2 = 4."}]},
+     _m(("user", "What is 2 + 2?"), ("assistant", "2 + 2 = 4."))),
+    ({"id": "x1", "conversations": [
+        {"from": "system", "value": "You answer in French."}, {"from": "human", "value": "Hello, how are you?"},
+        {"from": "gpt", "value": "Très bien, merci !"}, {"from": "human", "value": "And in Japanese? 🎌"},
+        {"from": "gpt", "value": "元気です。\n\nThat is \"genki desu\"."}]},
+     _m(("system", "You answer in French."), ("user", "Hello, how are you?"), ("assistant", "Très bien, merci !"),
+        ("user", "And in Japanese? 🎌"), ("assistant", "元気です。\n\nThat is \"genki desu\"."))),
+    ({"system": "Be brief.", "conversations": [{"from": "user", "value": "Name a prime."}, {"from": "assistant", "value": "7"}]},
+     _m(("system", "Be brief."), ("user", "Name a prime."), ("assistant", "7"))),
+    ({"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "Hi"}, {"from": "chatgpt", "value": "Hey"}]},
+     _m(("user", "Hi"), ("assistant", "Hey"))),  # an empty system prompt is none
+]
+
+ALPACA = [
+    ({"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.\n2. Sleep.\n3. Move."},
+     _m(("user", "Give three tips for staying healthy."), ("assistant", "1. Eat well.\n2. Sleep.\n3. Move."))),
+    ({"instruction": "Translate to German.", "input": "Good morning, café ☕", "output": "Guten Morgen, Café ☕"},
+     _m(("user", "Translate to German.\n\nGood morning, café ☕"), ("assistant", "Guten Morgen, Café ☕"))),
+    ({"instruction": "Add the numbers.", "input": None, "output": "5", "system": "You are a calculator."},
+     _m(("system", "You are a calculator."), ("user", "Add the numbers."), ("assistant", "5"))),
+    ({"instruction": "Say hi.", "output": "Hi!", "system": ""}, _m(("user", "Say hi."), ("assistant", "Hi!"))),
+]
+
+MESSAGES = [
+    ({"prompt": "Hi", "prompt_id": "abc", "messages": [{"role": "user", "content": "Hi", "name": "x"},
+                                                       {"role": "assistant", "content": "Hello 👋"}]},
+     _m(("user", "Hi"), ("assistant", "Hello 👋"))),  # UltraChat200k's shape: the extra fields go
+    ({"messages": CHAT}, {"messages": CHAT}),
+]
+
+LAYOUTS = {"sharegpt": SHAREGPT, "alpaca": ALPACA, "messages": MESSAGES}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_convert_layouts(tmp_path, capsys, layout):
+    src = write_lines(tmp_path, [json.dumps(r, ensure_ascii=False) for r, _ in LAYOUTS[layout]])
+    out = str(tmp_path / "chats.jsonl")
+    assert data.main(["convert", src, out, "--from", layout]) == 0
+    n = len(LAYOUTS[layout])
+    assert f"read {n}, written {n} to {out}, rejected 0" in capsys.readouterr().out
+    assert data.load_chats(out) == [chat for _, chat in LAYOUTS[layout]]
+    assert os.path.getsize(tmp_path / "chats.rejected.jsonl") == 0  # written even when empty: no stale file misleads
+    assert data.main(["check", out, "--tokenizer", MISTRAL]) == 0
+
+
+def test_convert_first_turn(tmp_path):
+    """The system turn and the first exchange; what follows is not kept, so it is not checked either."""
+    records = [r for r, _ in SHAREGPT] + [
+        {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}, {"from": "human", "value": "unanswered"}]},
+        {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}, {"from": "gpt", "value": 3}]},
+        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "only a question"}]},
+    ]
+    src = write_lines(tmp_path, [json.dumps(r) for r in records])
+    out = str(tmp_path / "first.jsonl")
+    assert data.convert(src, out, "sharegpt", first_turn=True) == (7, 6, 1)
+    first = [chat["messages"][:3 if chat["messages"][0]["role"] == "system" else 2] for _, chat in SHAREGPT]
+    assert [c["messages"] for c in data.load_chats(out)] == first + [[U | {"content": "Q1"}, A | {"content": "A1"}]] * 2
+    with open(data.rejected_path(out)) as f:
+        (bad,) = [json.loads(line) for line in f]
+    assert bad["line"] == 7 and bad["reason"].startswith("conversations: the last turn is 'user'")
+    # our own layout too: UltraChat's multi-turn chats become single-turn ones
+    ours = write_lines(tmp_path, [json.dumps({"messages": CHAT})])
+    data.convert(ours, out, "messages", first_turn=True)
+    assert data.load_chats(out) == [{"messages": CHAT[:3]}]
+
+
+BAD_CONVERT = [  # (layout, line, the reason the rejected file must give)
+    ("sharegpt", "{not json", "not valid JSON"),
+    ("sharegpt", "[1, 2]", "not a JSON object (got list)"),
+    ("sharegpt", json.dumps({"messages": [U, A]}), "conversations: missing or null"),
+    ("sharegpt", json.dumps({"conversations": []}), "conversations: must be a non-empty list"),
+    ("sharegpt", json.dumps({"conversations": ["hi"]}), "conversations[0]: must be an object"),
+    ("sharegpt", json.dumps({"conversations": [{"value": "x"}]}), "conversations[0].from: missing or null"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "bard", "value": "x"}]}), "conversations[0].from: unknown speaker 'bard'"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt"}]}), "conversations[1].value: missing"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "  "}]}), "conversations[1].value: is empty"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "y"}]}),
+     "conversations[0].value: must be a string, got list"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}),
+     "conversations[0].from: got 'assistant' where 'user' belongs"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"}]}),
+     "conversations[1].from: got 'user' where 'assistant' belongs"),
+    ("sharegpt", json.dumps({"system": "S", "conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"}]}),
+     "conversations[1].from: got 'user'"),  # the top-level system turn does not shift the index
+    ("sharegpt", json.dumps({"system": 7, "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}),
+     "system: must be a string, got int"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y</s>"}]}),
+     "conversations[1].value: contains '<s>' or '</s>'"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}]}), "conversations: the last turn is 'user'"),
+    ("alpaca", "not json at all", "not valid JSON"),
+    ("alpaca", json.dumps({"input": "x", "output": "y"}), "instruction: missing or null"),
+    ("alpaca", json.dumps({"instruction": "", "input": "x", "output": "y"}), "instruction: is empty"),
+    ("alpaca", json.dumps({"instruction": 3, "output": "y"}), "instruction: must be a string, got int"),
+    ("alpaca", json.dumps({"instruction": "x", "input": ["a"], "output": "y"}), "input: must be a string, got list"),
+    ("alpaca", json.dumps({"instruction": "x"}), "output: missing or null"),
+    ("alpaca", json.dumps({"instruction": "x", "output": ""}), "output: is empty"),
+    ("alpaca", json.dumps({"instruction": "x", "output": {"text": "y"}}), "output: must be a string, got dict"),
+] + [("messages", line, problem) for line, problem in BAD_CHATS]  # the same reasons load_chats gives
+
+
+@pytest.mark.parametrize("layout,line,reason", BAD_CONVERT)
+def test_convert_rejects_with_line_and_reason(tmp_path, capsys, layout, line, reason):
+    good = json.dumps(LAYOUTS[layout][0][0])
+    src = write_lines(tmp_path, [good, "", line, good])
+    out = str(tmp_path / "out.jsonl")
+    assert data.convert(src, out, layout) == (3, 2, 1)  # the blank line is no record
+    assert data.load_chats(out) == [LAYOUTS[layout][0][1]] * 2
+    with open(tmp_path / "out.rejected.jsonl", encoding="utf-8") as f:
+        (bad,) = [json.loads(x) for x in f]
+    assert bad["line"] == 3 and bad["reason"].startswith(reason)
+    try:
+        kept = json.loads(line)
+    except json.JSONDecodeError:
+        kept = line  # a line that is not JSON is kept as its text
+    assert bad["input"] == kept
+    assert f"{src}:3: {reason}" in capsys.readouterr().err
+
+
+def test_convert_bad_utf8_keeps_the_text(tmp_path):
+    src = str(tmp_path / "in.jsonl")
+    with open(src, "wb") as f:
+        f.write(json.dumps(GOOD_CHAT).encode() + b"\n\xff{}\n")
+    out = str(tmp_path / "out")  # no .jsonl suffix: the rejected file is out.rejected.jsonl
+    assert data.convert(src, out, "messages") == (2, 1, 1)
+    with open(tmp_path / "out.rejected.jsonl", encoding="utf-8") as f:
+        assert json.loads(f.read()) == {"line": 2, "reason": "not valid UTF-8 (invalid start byte at byte 0)", "input": "\ufffd{}"}
+
+
+def test_convert_json_array_reports_indices(tmp_path, capsys):
+    records = [r for r, _ in SHAREGPT] * 5  # 20 records
+    records[17] = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": ""}]}
+    records[3] = "a string"
+    src = tmp_path / "sharegpt.json"
+    src.write_text("\n  " + json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")  # leading space: still an array
+    out = str(tmp_path / "chats.jsonl")
+    assert data.main(["convert", str(src), out, "--from", "sharegpt"]) == 0
+    captured = capsys.readouterr()
+    assert "read 20, written 18" in captured.out and "rejected 2" in captured.out
+    assert f"{src}: record 17: conversations[1].value: is empty" in captured.err
+    with open(data.rejected_path(out)) as f:
+        assert [(b["record"], b["reason"]) for b in map(json.loads, f)] == [
+            (3, "not a JSON object (got str)"), (17, "conversations[1].value: is empty")]
+    expected = [chat for _, chat in SHAREGPT] * 5
+    assert data.load_chats(out) == expected[:3] + expected[4:17] + expected[18:]
+
+
+def test_convert_refuses_what_it_cannot_read(tmp_path, capsys):
+    src = tmp_path / "broken.json"
+    src.write_text('[{"instruction": "x", "output": "y"},\n {"instruction": ')  # an array cut short
+    out = tmp_path / "out.jsonl"
+    assert data.main(["convert", str(src), str(out), "--from", "alpaca"]) == 1
+    assert f"{src}: not a valid JSON array (" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["broken.json"]  # no output, no half-written file
+    # every record rejected: most likely the wrong --from, so the command fails (the reasons are kept)
+    src = write_lines(tmp_path, [json.dumps(r) for r, _ in ALPACA])
+    assert data.main(["convert", src, str(out), "--from", "sharegpt"]) == 1
+    assert "is --from sharegpt its layout?" in capsys.readouterr().err
+    assert len(open(tmp_path / "out.rejected.jsonl").readlines()) == len(ALPACA)
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        data.convert(src, src, "messages")
+
+
+def test_loaders_stay_strict_where_convert_cleans(tmp_path):
+    """The same file: load_chats refuses it, naming the bad line; convert keeps the good lines and says why it left the bad one."""
+    src = write_lines(tmp_path, [json.dumps(GOOD_CHAT), json.dumps({"messages": [U, U]}), json.dumps({"messages": CHAT})])
+    with pytest.raises(ValueError, match=re.escape(f"{src}:2: messages[1].role")):
+        data.load_chats(src)
+    out = str(tmp_path / "clean.jsonl")
+    assert data.convert(src, out, "messages") == (3, 2, 1)
+    assert data.load_chats(out) == [GOOD_CHAT, {"messages": CHAT}]
+
+
+def test_rejected_path():
+    assert data.rejected_path("out/chats.jsonl") == "out/chats.rejected.jsonl"
+    assert data.rejected_path("chats") == "chats.rejected.jsonl"
+    assert data.rejected_path("chats.json") == "chats.json.rejected.jsonl"
+
+
+def test_convert_then_check_on_the_command_line(tmp_path):
+    """As a user runs it: two processes, the README's commands."""
+    import subprocess
+    src = tmp_path / "ultrachat_like.json"
+    src.write_text(json.dumps([r for r, _ in SHAREGPT] + [{"conversations": []}]), encoding="utf-8")
+    out = tmp_path / "train.jsonl"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    run = subprocess.run([sys.executable, script, "convert", str(src), str(out), "--from", "sharegpt", "--first-turn"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"read 5, written 4 to {out}, rejected 1 to {tmp_path / 'train.rejected.jsonl'}" in run.stdout
+    assert "record 4: conversations: must be a non-empty list" in run.stderr
+    run = subprocess.run([sys.executable, script, "check", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0 and "4 chats, 10 turns" in run.stdout, run.stderr

@@ -1,6 +1,7 @@
 """model.py against transformers' MistralForCausalLM / LlamaForCausalLM on random tiny checkpoints."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -108,6 +109,97 @@ def test_save_model_loads_in_transformers(tmp_path, tied):
     again = load_model(tmp_path)  # and back: a round trip is exact
     with torch.no_grad():
         assert torch.equal(again(x), ours(x))
+
+
+def _random_model(tied=False, seed=3):
+    """Our model with every weight random, norm gains included."""
+    ours = Transformer(ModelArgs(**_args(tie_embeddings=tied))).init_weights(seed, std=0.08)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    return ours
+
+
+def _weight_files(path):
+    return sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".index.json")))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_save_loads_in_transformers_and_back(tmp_path, tied):
+    from safetensors import safe_open
+    ours = _random_model(tied)
+    max_bytes = 40_000  # the 300 x 64 fp32 embedding (76.8 kB) is larger: it must get a shard of its own
+    save_model(ours, tmp_path, max_shard_size=max_bytes)
+    files = _weight_files(tmp_path)
+    shards = [f for f in files if f.endswith(".safetensors")]
+    n = len(shards)
+    assert n > 2 and files == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)] + ["model.safetensors.index.json"]
+
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    state = {k: v for k, v in ours.state_dict().items() if not (tied and k == "output.weight")}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert len(index["weight_map"]) == len(state) and set(index["weight_map"].values()) == set(shards)
+    for shard in shards:  # every tensor whole, in the shard the index names; a shard over the limit holds one tensor
+        with safe_open(tmp_path / shard, framework="pt") as st:
+            keys = list(st.keys())
+            assert keys and all(index["weight_map"][k] == shard for k in keys)
+            size = sum(st.get_tensor(k).numel() * 4 for k in keys)
+            assert size <= max_bytes or len(keys) == 1
+    # the model's order: the embedding is in the first shard, the final norm in the last
+    assert index["weight_map"]["model.embed_tokens.weight"] == shards[0]
+    assert index["weight_map"]["model.norm.weight"] in shards[-2:]
+
+    x = tokens(seed=7)
+    ref = transformers.MistralForCausalLM.from_pretrained(tmp_path).eval()
+    again = load_model(tmp_path)
+    with torch.no_grad():
+        assert (ours(x) - hf_logits(ref, x)).abs().max() < 1e-4
+        assert torch.equal(again(x), ours(x))
+    if tied:
+        assert again.output.weight is again.tok_embeddings.weight
+
+
+def test_save_is_deterministic_and_one_file_below_the_limit(tmp_path):
+    ours = _random_model()
+    save_model(ours, tmp_path / "a", max_shard_size="50KB")
+    save_model(ours, tmp_path / "b", max_shard_size=50_000)
+    for f in _weight_files(tmp_path / "a"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    save_model(ours, tmp_path / "c")  # the default, 5GB
+    assert _weight_files(tmp_path / "c") == ["model.safetensors"]
+
+
+def test_save_replaces_the_other_layout(tmp_path):
+    """Saving into a folder that holds an earlier save leaves only the new layout: a stale index would
+    point load_model and transformers at stale shards."""
+    a, b = _random_model(seed=3), _random_model(seed=4)
+    x = tokens(seed=8)
+    save_model(a, tmp_path, max_shard_size="40KB")
+    (tmp_path / "tokenizer.model").write_bytes(b"kept")  # not a weight file: left alone
+    save_model(b, tmp_path)
+    assert _weight_files(tmp_path) == ["model.safetensors"] and (tmp_path / "tokenizer.model").exists()
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(x), b(x))
+    save_model(a, tmp_path, max_shard_size="40KB")
+    assert "model.safetensors" not in _weight_files(tmp_path)
+    save_model(b, tmp_path, max_shard_size="100KB")  # fewer shards than before: no leftover from the 40KB save
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        named = set(json.load(f)["weight_map"].values())
+    assert set(_weight_files(tmp_path)) == named | {"model.safetensors.index.json"}
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(x), b(x))
+
+
+def test_parse_size():
+    from model import parse_size
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 500 * 10**6
+    assert parse_size("60kb") == 60_000 and parse_size("2GiB") == 2 * 2**30 and parse_size("1.5 MB") == 1_500_000
+    assert parse_size(123) == 123 and parse_size("123") == 123
+    for bad in ["5 GBs", "GB", "-1MB", "0", 0, True, None]:
+        with pytest.raises(ValueError, match="max_shard_size"):
+            parse_size(bad)
 
 
 def _half_to_interleaved(w, n_heads):
@@ -262,5 +354,69 @@ def test_rejects_missing_shard(tmp_path):
     hf_model().save_pretrained(tmp_path, max_shard_size="60KB")
     shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[0]
     os.remove(tmp_path / shard)
-    with pytest.raises(FileNotFoundError, match=shard):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / shard))):
+        load_model(tmp_path)
+
+
+# A damaged file is named with its path, not only with the reason safetensors or json gives.
+
+def _cut_in_half(f):
+    raw = f.read_bytes()
+    f.write_bytes(raw[:len(raw) // 2])
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (_cut_in_half, "file not fully covered"),                     # an interrupted copy or download
+    (lambda f: f.write_bytes(b""), "header too small"),           # a copy that never started
+    (lambda f: f.write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8,
+                                           generator=torch.Generator().manual_seed(0)).numpy().tobytes()), "header"),
+    (lambda f: torch.save({"w": torch.zeros(3)}, f), "header"),  # a PyTorch pickle under the safetensors name
+])
+def test_damaged_safetensors_file_is_named(good, damage, reason):
+    damage(good / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(str(good / "model.safetensors")) + r": not a readable safetensors file \(.*" + reason):
+        load_model(good)
+
+
+def test_damaged_shard_is_named(tmp_path):
+    hf_model().save_pretrained(tmp_path, max_shard_size="60KB")
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1]
+    _cut_in_half(tmp_path / shard)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / shard)) + ": not a readable safetensors file"):
+        load_model(tmp_path)
+
+
+def test_unreadable_weight_file_is_named(good):
+    os.remove(good / "model.safetensors")
+    os.mkdir(good / "model.safetensors")  # exists, but is no file to read
+    with pytest.raises(OSError, match=re.escape(str(good / "model.safetensors")) + ": cannot read"):
+        load_model(good)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "params.json"])
+def test_json_syntax_error_is_named_with_line_and_column(tmp_path, name):
+    ref = hf_model()
+    if name == "params.json":
+        _mistral_native_folder(ref, tmp_path)
+    else:
+        ref.save_pretrained(tmp_path, max_shard_size="60KB")
+    text = json.dumps(json.loads((tmp_path / name).read_text()), indent=2)
+    (tmp_path / name).write_text(text[:-2] + ",\n}\n")  # a trailing comma: the commonest hand-edit mistake
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / name)) + r": not valid JSON \(.* at line \d+, column \d+\)"):
+        load_model(tmp_path)
+
+
+def test_config_that_is_not_an_object_or_not_text(good):
+    (good / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=re.escape(str(good / "config.json")) + ": expected a JSON object, got list"):
+        load_model(good)
+    (good / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=re.escape(str(good / "config.json")) + ": not valid JSON"):
+        load_model(good)
+
+
+def test_index_without_a_weight_map_is_named(tmp_path):
+    hf_model().save_pretrained(tmp_path, max_shard_size="60KB")
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "model.safetensors.index.json")) + ": 'weight_map'"):
         load_model(tmp_path)

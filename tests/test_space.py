@@ -69,8 +69,9 @@ def value_and_grads(fn, hidden, weight, upstream, *args, **kwargs):
 
 @pytest.fixture(params=[64, 1024], ids=["vocab_block64", "vocab_block1024"])
 def vocab_block(request, monkeypatch):
-    """Tiles of 64 vocab entries: several blocks and a ragged last one (V = 300 or 2000)."""
-    monkeypatch.setattr(space, "VOCAB_BLOCK", request.param)
+    """Tiles of 64 vocab entries: several blocks and a ragged last one (V = 300 or 2000). Set as
+    the CPU's default tile width, so the tests below also cover the per-device default."""
+    monkeypatch.setitem(space.TILE, "cpu", (space.TILE["cpu"][0], request.param))
     return request.param
 
 
@@ -127,6 +128,32 @@ def test_sequence_logprobs_strided_hidden_as_a_model_gives_it(vocab_block):
         assert rel_err(got, want) < 1e-5
 
 
+def test_sequence_logprobs_tile_arguments_override_the_device_default():
+    # chunk_size and vocab_block given per call (as bench/logprob.py does), ragged or not
+    hidden, weight, targets, mask, upstream = make_batch(torch.float32)
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    for chunk_size, vocab_block in [(7, 64), (30, 300), (4, 1000)]:
+        out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask,
+                              chunk_size=chunk_size, vocab_block=vocab_block)
+        for got, want in zip(out, ref):
+            assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_logprobs_on_cuda_with_its_default_tiles(dtype):
+    # N = 6073 scored tokens and V = 9000: several of CUDA's 4096 x 4096 tiles, ragged ones too;
+    # bf16 goes through torch.mm(..., out_dtype=torch.float32)
+    batch = make_batch(dtype, B=9, T=2000, d=64, V=9000)
+    hidden, weight, targets, mask, upstream = (x.cuda() for x in batch)
+    assert mask.sum() > space.TILE["cuda"][0] and weight.shape[0] > space.TILE["cuda"][1]
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    naive = value_and_grads(naive_logprobs, hidden, weight, upstream, targets, mask)
+    out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask)
+    for got, base, want in zip(out, naive, ref):
+        assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else rel_err(base, want) + 1e-2)
+
+
 def test_sequence_logprobs_rejects_mixed_dtypes():
     hidden, weight, targets, mask, _ = make_batch(torch.float32)
     with pytest.raises(TypeError):
@@ -148,21 +175,79 @@ def test_sequence_logprobs_accepts_int_mask_and_all_masked_batch():
 # SFT and GEM
 
 
-def naive_gem(hidden, weight, targets, mask, beta):
+def naive_gem_per_token(hidden, weight, targets, mask, beta, h="linear"):
+    """GEM as its own repository writes it (github.com/liziniu/GEM, sft_trainer.py `gem_loss`):
+    full logits, −Σ_v q_v w_v (log p_y − log p_v) with q and w computed without gradient. [B, T]"""
     z = hidden @ weight.t()                                                        # [B, T, V]
-    q = torch.softmax(z / beta, dim=-1).detach()
-    per_token = (q * z).sum(-1) - z.gather(-1, targets[..., None]).squeeze(-1)     # [B, T]
-    return (per_token * mask).sum() / mask.sum()
+    logp = torch.log_softmax(z if z.dtype == torch.float64 else z.float(), dim=-1)
+    with torch.no_grad():
+        gap = z - z.gather(-1, targets[..., None])                                 # z_v − z_y
+        w = torch.sigmoid(0.01 * gap) if h == "logsigmoid" else torch.ones_like(gap)
+        q = torch.exp(torch.log_softmax(z / beta, dim=-1))
+    per_token = -(q * w * (logp.gather(-1, targets[..., None]) - logp)).sum(-1)    # [B, T]
+    return per_token * mask
 
 
+def naive_gem(hidden, weight, targets, mask, beta, h="linear"):
+    return naive_gem_per_token(hidden, weight, targets, mask, beta, h).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("h", ["linear", "logsigmoid"])
 @pytest.mark.parametrize("beta", [0.7, 0.3])
-def test_gem_loss_matches_float64(beta, vocab_block):
+@pytest.mark.parametrize("scale", [1.0, 30.0])   # logit gaps of a few units, and of ~100 where σ(0.01·gap) bends
+def test_gem_loss_matches_float64(beta, h, scale, vocab_block):
     hidden, weight, targets, mask, _ = make_batch(torch.float32)
+    hidden = hidden * scale
     one = torch.ones(())
-    ref = value_and_grads(naive_gem, hidden.double(), weight.double(), one.double(), targets, mask, beta)
-    out = value_and_grads(space.gem_loss, hidden, weight, one, targets, mask, beta=beta, chunk_size=7)
+    ref = value_and_grads(naive_gem, hidden.double(), weight.double(), one.double(), targets, mask, beta, h)
+    out = value_and_grads(space.gem_loss, hidden, weight, one, targets, mask, beta=beta, h=h, chunk_size=7)
     for got, want in zip(out, ref):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("h", ["linear", "logsigmoid"])
+def test_gem_per_token_values_with_a_different_upstream_gradient_per_token(h, vocab_block):
+    # gem_loss is a plain sum, so its upstream gradient is one number; the per-token values under
+    # it must also be right when every token's dL/dvalue differs, as the backward is written for
+    hidden, weight, targets, mask, _ = make_batch(torch.float32, seed=1)
+    upstream = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))   # [B, T]
+    ref = value_and_grads(naive_gem_per_token, hidden.double() * 10, weight.double(), upstream.double(),
+                          targets, mask, 0.5, h)
+    per_token = lambda hd, w, y, m: space._TokenValues.apply(hd, w, y, m, "gem", 0.5, h, 7, None)   # noqa: E731
+    out = value_and_grads(per_token, hidden * 10, weight, upstream, targets, mask)
+    for got, want in zip(out, ref):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("h", ["linear", "logsigmoid"])
+def test_gem_bf16_no_worse_than_naive_bf16(h, vocab_block):
+    hidden, weight, targets, mask, _ = make_batch(torch.bfloat16, T=64, d=64, V=2000)
+    one = torch.ones(())
+    ref = value_and_grads(naive_gem, hidden.double(), weight.double(), one.double(), targets, mask, 0.7, h)
+    naive = value_and_grads(naive_gem, hidden, weight, one, targets, mask, 0.7, h)
+    out = value_and_grads(space.gem_loss, hidden, weight, one, targets, mask, h=h, chunk_size=7)
+    assert out[1].dtype == out[2].dtype == torch.bfloat16
+    for got, base, want in zip(out, naive, ref):
+        assert rel_err(got, want) <= rel_err(base, want) + 1e-2
+
+
+def test_gem_logsigmoid_weights_are_half_at_a_tie_and_bend_with_the_gap():
+    hidden, weight, targets, mask, _ = make_batch(torch.float32)
+    one = torch.ones(())
+    gem = lambda h, scale: value_and_grads(space.gem_loss, hidden * scale, weight, one, targets, mask, h=h)  # noqa: E731
+    # logit gaps near 0: w = σ(0.01 · gap) ≈ 1/2 everywhere, so the gradients are half of linear's
+    # (the value is a near-cancelling sum of gaps; its second-order term shows at 1e-2)
+    got, lin = gem("logsigmoid", 0.01), gem("linear", 0.01)
+    assert rel_err(got[1], lin[1] / 2) < 1e-3 and rel_err(got[2], lin[2] / 2) < 1e-3
+    # gaps of ~100: the weights differ per entry, no longer a constant multiple of linear's
+    for got, lin in zip(gem("logsigmoid", 30.0), gem("linear", 30.0)):
+        assert rel_err(got, lin / 2) > 0.3
+
+
+def test_gem_rejects_an_unknown_h():
+    hidden, weight, targets, mask, _ = make_batch(torch.float32)
+    with pytest.raises(ValueError, match="logsigmoid"):
+        space.gem_loss(hidden, weight, targets, mask, h="sigmoid")
 
 
 def test_gem_with_beta_one_has_the_cross_entropy_gradient(vocab_block):

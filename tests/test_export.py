@@ -1,0 +1,329 @@
+"""data.py's tokenizer files against transformers itself: AutoTokenizer on an export encodes the
+template as data.py does, BOS included, under both `legacy` settings; apply_chat_template renders
+render_chat; transformers' greedy generate on an exported tiny model equals sample.generate; a
+source checkpoint's own files are copied; and data.py reads the legacy setting of transformers' own
+tokenizer files, or refuses the ones it cannot reproduce."""
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import mistral_common
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from model import ModelArgs, Transformer, save_model  # noqa: E402
+from sample import generate  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+MISTRAL = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+# the demo tokenizer has no byte fallback: ASCII, with "#" and "~" (not in the demo text) as <unk>
+DEMO_CHARS = "abcdefghijklmnopqrstuvwxyz WAPCRS 0123456789 +=?.: #~"
+# Mistral's has: any unicode, runs of spaces, tabs and newlines inside a turn
+MISTRAL_CHARS = "abcdefghij ABCXYZ 0123456789 .,!?-+=  \t\n é日本語🎉Ωﬁ\u00a0"
+
+
+def random_chats(seed, chars, n=60):
+    """n chats of random text: half open with a system turn, then one to three user/assistant turns."""
+    rng = random.Random(seed)
+
+    def text():
+        return "".join(rng.choice(chars) for _ in range(rng.randint(1, 40)))
+    chats = []
+    for _ in range(n):
+        chat = [{"role": "system", "content": text()}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            chat += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+        chats.append(chat)
+    return chats
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+
+
+def export(root, tokenizer_model, config=None, model_type="mistral"):
+    """A source folder (tokenizer.model, and a tokenizer_config.json if given) exported, as train.py
+    exports each iteration, into a checkpoint folder with a config.json: that folder."""
+    source, out = root / "source", root / "export"
+    source.mkdir()
+    shutil.copy(tokenizer_model, source / "tokenizer.model")
+    if config is not None:
+        write_json(source / "tokenizer_config.json", config)
+    data.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
+    write_json(out / "config.json", {"model_type": model_type})
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_model_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    data.demo_tokenizer(data.demo_splits(seed=0, n_train=2000, n_selfplay=0, n_test=0)["train"], str(out))
+    return str(out / "tokenizer.model")
+
+
+# name: (tokenizer.model, the source's tokenizer_config.json, random text, legacy)
+CASES = {
+    "demo": (None, None, DEMO_CHARS, False),
+    "mistral": (MISTRAL, None, MISTRAL_CHARS, False),  # a bare tokenizer.model: sentencepiece's rule
+    "mistral-legacy": (MISTRAL, {"legacy": True}, MISTRAL_CHARS, True),  # as Mistral-7B's and zephyr's
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, demo_model_file):
+    """name -> (data.Tokenizer, transformers' AutoTokenizer), both reading the same export."""
+    out = {}
+    for name, (model_file, config, _, _) in CASES.items():
+        folder = export(tmp_path_factory.mktemp(name), model_file or demo_model_file, config)
+        out[name] = data.Tokenizer(str(folder / "tokenizer.model")), transformers.AutoTokenizer.from_pretrained(folder)
+    return out
+
+# -----------------------------------------------------------------------------
+# the tokenizer and the template through transformers
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tokenizer_round_trip(exported, name):
+    tok, hf = exported[name]
+    assert tok.legacy == CASES[name][3]  # the export says what the source said
+    for chat in random_chats(0, CASES[name][2]):
+        prompt = chat[:-1]
+        ids, _ = data.encode_prompt(tok, prompt, max_prompt=None)
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+        assert hf(data.render_chat(prompt, add_generation_prompt=True))["input_ids"] == ids
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_any_text(exported, name):
+    # beyond the template too: special tokens anywhere, leading spaces and runs of them, "<unk>" as text
+    tok, hf = exported[name]
+    rng = random.Random(3)
+    pieces = list(CASES[name][2]) + ["<s>", "</s>", "<unk>", "  "]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+def test_legacy_decides_the_space_after_eos(exported):
+    # the one difference between the two settings, in the template: "▁" (28705) before the "\n" (13)
+    text = "<|user|>\nHi</s>\n<|assistant|>\n"
+    for name, after_eos in (("mistral", [2, 13]), ("mistral-legacy", [2, 28705, 13])):
+        tok, hf = exported[name]
+        ids = hf(text)["input_ids"]
+        assert ids == tok.encode(text, bos=True)
+        assert ids[ids.index(2):ids.index(2) + len(after_eos)] == after_eos
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_chat_template(exported, name):
+    tok, hf = exported[name]
+    for chat in random_chats(1, CASES[name][2], n=30):
+        prompt = chat[:-1]
+        text = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        assert text == hf.bos_token + data.render_chat(prompt, add_generation_prompt=True)
+        ids = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ids == data.encode_prompt(tok, prompt, max_prompt=None)[0]  # one BOS, from the template
+        # a whole conversation: render_chat's text, and the trainer's ids up to the last EOS
+        assert hf.apply_chat_template(chat, tokenize=False) == hf.bos_token + data.render_chat(chat)
+        full = hf.apply_chat_template(chat, tokenize=True, return_dict=False)
+        assert full == tok.encode(data.render_chat(chat), bos=True)
+        ids, _ = data.encode_chat(tok, chat)
+        assert full[:len(ids)] == ids and tok.decode(full[len(ids):]) == "\n"
+
+
+@pytest.fixture
+def one_thread():
+    # a tiny model: threads buy nothing, and on a busy machine OpenMP's spinning workers slow it down
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_greedy_generate_equals_sample(demo_model_file, tmp_path, one_thread):
+    # a tiny random Mistral saved as train.py exports it: weights, then the tokenizer files
+    tok = data.Tokenizer(demo_model_file)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=176,
+                     vocab_size=tok.vocab_size, sliding_window=16, max_seq_len=256)
+    model = Transformer(args).init_weights(0, std=0.2).eval()  # logits spread out: no near-ties in argmax
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"}]
+    ids, _ = data.encode_prompt(tok, prompt)
+    n = 40
+    # make the model stop: EOS's output row becomes a slightly longer copy of the row of a token that
+    # greedy decoding picks on the way, so it wins there, and generation_config.json's eos must end it
+    free = generate(model, [ids], n, temperature=0)[0]
+    token = free[n // 2]
+    with torch.no_grad():
+        model.output.weight[tok.eos_id] = 1.05 * model.output.weight[token]
+    ours = generate(model, [ids], n, temperature=0, eos_id=tok.eos_id)[0]
+    assert ours[-1] == tok.eos_id and len(ours) <= n // 2 + 1 and len(set(ours)) > 3
+
+    save_model(model, tmp_path)
+    data.export_tokenizer(demo_model_file, str(tmp_path))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = hf_tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt")
+    assert x["input_ids"][0].tolist() == ids
+    out = hf.generate(**x, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
+    assert out[0, len(ids):].tolist() == ours
+    assert hf_tok.decode(out[0, len(ids):], skip_special_tokens=True) == data.decode_response(tok, ours)
+
+# -----------------------------------------------------------------------------
+# the files of an export
+
+
+def test_export_files(exported, tmp_path):
+    out = tmp_path / "export"
+    data.export_tokenizer(MISTRAL, str(out), model_max_length=2048)
+    assert sorted(os.listdir(out)) == sorted(data.TOKENIZER_FILES)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["tokenizer_class"], config["bos_token"], config["eos_token"], config["unk_token"]) == \
+        ("LlamaTokenizer", "<s>", "</s>", "<unk>")
+    assert (config["add_bos_token"], config["add_eos_token"], config["legacy"], config["model_max_length"]) == \
+        (True, False, False, 2048)
+    assert config["chat_template"] == data.CHAT_TEMPLATE
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "</s>"
+    with open(out / "tokenizer.model", "rb") as a, open(MISTRAL, "rb") as b:
+        assert a.read() == b.read()
+    # what transformers reads back
+    hf = exported["mistral"][1]
+    assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id, hf.pad_token_id) == (1, 2, 0, 2)
+
+
+def test_export_loads_without_protobuf(exported, tmp_path):
+    # transformers converts a bare tokenizer.model with protobuf; an export has tokenizer.json and needs none.
+    # A google.protobuf that fails to import, first on the path, stands in for one not installed.
+    (tmp_path / "google" / "protobuf").mkdir(parents=True)
+    (tmp_path / "google" / "__init__.py").write_text("")
+    (tmp_path / "google" / "protobuf" / "__init__.py").write_text("raise ImportError('no protobuf here')")
+    folder = exported["mistral-legacy"][1].name_or_path
+    code = ("import sys, transformers\n"
+            "try:\n    import google.protobuf\nexcept ImportError:\n    pass\nelse:\n    sys.exit('protobuf imported')\n"
+            f"print(transformers.AutoTokenizer.from_pretrained({str(folder)!r})('<|user|>\\nHi</s>\\n')['input_ids'])")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[1, 523, 28766, 1838, 28766, 28767, 13, 23809, 2, 28705, 13]"
+
+
+def test_source_files_are_copied(demo_model_file, tmp_path):
+    source, out = tmp_path / "source", tmp_path / "export"
+    source.mkdir()
+    shutil.copy(demo_model_file, source / "tokenizer.model")
+    files = {  # odd spacing on purpose: copied means byte for byte
+        "tokenizer_config.json": '{"legacy": false,  "model_max_length": 2048, "padding_side": "left"}',
+        "special_tokens_map.json": '{"bos_token": "<s>",   "eos_token": "</s>"}',
+        "generation_config.json": '{"bos_token_id": 1, "eos_token_id": 2,  "temperature": 0.7}',
+    }
+    for name, text in files.items():
+        (source / name).write_text(text)
+    data.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source), model_max_length=99)
+    for name in ("special_tokens_map.json", "generation_config.json", "tokenizer.model"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    # a tokenizer_config.json without a chat template gains ours, and keeps everything else
+    assert json.loads((out / "tokenizer_config.json").read_text()) == \
+        {**json.loads(files["tokenizer_config.json"]), "chat_template": data.CHAT_TEMPLATE}
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"  # the missing one is written
+
+    # one with its own template (zephyr's) is copied unchanged, like the rest
+    (source / "tokenizer_config.json").write_text('{"legacy": false, "chat_template": "{{ messages }}"}')
+    data.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
+    assert (out / "tokenizer_config.json").read_bytes() == (source / "tokenizer_config.json").read_bytes()
+    # so is one whose template sits in chat_template.jinja, as newer transformers save it
+    (source / "tokenizer_config.json").write_text('{"legacy": false}')
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    data.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+
+
+def test_source_with_another_tokenizer_is_ignored(demo_model_file, tmp_path):
+    source, out = tmp_path / "source", tmp_path / "export"
+    source.mkdir()
+    shutil.copy(MISTRAL, source / "tokenizer.model")  # not the tokenizer the model was trained with
+    (source / "generation_config.json").write_text('{"eos_token_id": 7}')
+    data.export_tokenizer(demo_model_file, str(out), source_dir=str(source))
+    assert (out / "tokenizer.model").read_bytes() == open(demo_model_file, "rb").read()
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_source_with_another_legacy_setting_is_refused(tmp_path):
+    trained, source = tmp_path / "trained", tmp_path / "source"
+    for folder, legacy in ((trained, False), (source, True)):
+        folder.mkdir()
+        shutil.copy(MISTRAL, folder / "tokenizer.model")
+        write_json(folder / "tokenizer_config.json", {"legacy": legacy})
+    with pytest.raises(ValueError, match="legacy=True.*legacy=False"):
+        data.export_tokenizer(str(trained / "tokenizer.model"), str(tmp_path / "out"), source_dir=str(source))
+
+# -----------------------------------------------------------------------------
+# reading the legacy setting from transformers' own files
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_legacy_of_transformers_own_tokenizer(tmp_path, legacy):
+    # transformers builds its Llama tokenizer from tokenizer.model and the legacy flag (model_type llama:
+    # for mistral, transformers 5 drops the dummy space), and saves it as a Metaspace tokenizer.json.
+    # data.py reads the setting back from that file and encodes the template as transformers does.
+    source, saved = tmp_path / "source", tmp_path / "saved"
+    source.mkdir()
+    shutil.copy(MISTRAL, source / "tokenizer.model")
+    write_json(source / "config.json", {"model_type": "llama"})
+    write_json(source / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer", "legacy": legacy,
+                                                   "add_bos_token": True, "add_eos_token": False})
+    hf = transformers.AutoTokenizer.from_pretrained(source)
+    hf.save_pretrained(saved)
+    shutil.copy(MISTRAL, saved / "tokenizer.model")
+    assert json.loads((saved / "tokenizer.json").read_text())["pre_tokenizer"]["type"] == "Metaspace"
+    tok = data.Tokenizer(str(saved / "tokenizer.model"))
+    assert tok.legacy == legacy and data.Tokenizer(str(source / "tokenizer.model")).legacy == legacy
+    # single spaces: transformers 5 orders the merges it converts by id, not by score as sentencepiece
+    # does, and so splits a run of spaces in its own way ("▁▁" + "x" for sentencepiece's "▁" + "▁x")
+    for chat in random_chats(2, MISTRAL_CHARS.replace("  ", " "), n=40):
+        prompt = chat[:-1]
+        for m in prompt:
+            m["content"] = re.sub(" +", " ", m["content"])
+        assert hf(data.render_chat(prompt, add_generation_prompt=True))["input_ids"] == \
+            data.encode_prompt(tok, prompt, max_prompt=None)[0]
+
+
+def test_transformers_files_that_are_refused(exported, tmp_path):
+    good = exported["mistral-legacy"][1].name_or_path
+    spec = json.loads(open(os.path.join(good, "tokenizer.json"), encoding="utf-8").read())
+
+    def folder(config=None, tokenizer_json=None):
+        path = tmp_path / str(len(os.listdir(tmp_path)))
+        path.mkdir()
+        shutil.copy(MISTRAL, path / "tokenizer.model")
+        if config is not None:
+            write_json(path / "tokenizer_config.json", config)
+        if tokenizer_json is not None:
+            write_json(path / "tokenizer.json", tokenizer_json)
+        return str(path / "tokenizer.model")
+
+    assert data.Tokenizer(folder({"legacy": True}, spec)).legacy
+    assert not data.Tokenizer(folder({"legacy": True}, spec), legacy=False).legacy  # the argument wins
+    cases = [
+        (folder({}), "no `legacy` setting"),
+        (folder({"legacy": True, "add_bos_token": False}), "add_bos_token is false"),
+        (folder({"legacy": False}, spec), "says legacy=False but tokenizer.json encodes as legacy=True"),
+        (folder(None, {**spec, "added_tokens": spec["added_tokens"] + [
+            {"id": 32000, "content": "<|im_start|>", "normalized": False, "special": True}]}), "'<|im_start|>'"),
+        (folder(None, {**spec, "model": {**spec["model"], "vocab": {**spec["model"]["vocab"], "▁hello": 1}}}),
+         "vocabulary"),
+        # what transformers 5 makes of a bare tokenizer.model for model_type mistral: no dummy space
+        (folder(None, {**spec, "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}}),
+         "no dummy space"),
+    ]
+    for model_file, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.Tokenizer(model_file)
