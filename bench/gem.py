@@ -134,7 +134,7 @@ def main():
         div = dict(pool.map(sample, list(folder)))
 
     jobs = []
-    for name, flags in losses.items():
+    for name, flags in losses.items() if args.iterations else ():  # --iterations 0: θ_0's sampling only
         for s in args.seeds:
             out = os.path.join(args.out, f"space_{name.split()[0].lower()}{'_' + flags[-1] if flags else ''}_seed{s}")
             if not flags:  # the CE row is bench/plateau.py's SPACE run, same flags
@@ -144,13 +144,15 @@ def main():
                                           "--selfplay-from", "sft", "--train-size", args.train_size, "--selfplay-size",
                                           args.train_size, "--iterations", args.iterations, "--epochs", 1, "--seed", s]))
     done = runs.parallel(jobs, args.jobs)
-    results = {name: [done[name, s] for s in args.seeds] for name in losses}
+    results = {name: [done[name, s] for s in args.seeds] for name in losses} if args.iterations else {}
     elapsed = time.time() - t0
 
     cmd = f"python bench/gem.py --sft-epochs {args.sft_epochs}" + \
         (" --variants " + " ".join(args.variants) if args.variants != ["linear"] else "") + \
         (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != p.get_default("seeds") else "") + \
         (f" --iterations {args.iterations}" if args.iterations != p.get_default("iterations") else "") + \
+        (f" --train-size {args.train_size}" if args.train_size != p.get_default("train_size") else "") + \
+        (f" --prompts {args.prompts}" if args.prompts != p.get_default("prompts") else "") + \
         ("" if args.out == default_out else " --out " + args.out)
     text = [f"Measured by `{cmd}` (seeds {args.seeds}, set A = the first {args.train_size} chats of the demo's SFT "
             f"split, θ_0 = SFT {args.sft_epochs} epochs on A with each loss; {args.prompts} held-out prompts x "
@@ -161,15 +163,19 @@ def main():
                            {name: [[div[name, s][k] for s in args.seeds] for k in keys] for name in losses}, 3))
     header = [f"θ_{t}" for t in range(args.iterations + 1)]
     for key, title, digits in (("eval/accuracy", "exact match on held-out prompts (greedy)", 3),
-                               ("eval/heldout_logp_token", "log-likelihood per token of held-out real responses", 4)):
+                               ("eval/heldout_logp_token", "log-likelihood per token of held-out real responses", 4)
+                               ) if args.iterations else ():
         text.append(runs.table(f"2. SPACE from each θ_0, {title}", header, runs.curves(results, key, args.iterations),
                                digits))
     text = "\n".join(text)
     xs = list(range(args.iterations + 1))
     ks = [1, 4, 16]
-    runs.plot([("θ_0: pass@k, held out", "pass@k", {name: [[div[name, s][f"pass@{k}"] for s in args.seeds] for k in ks]
-                                                    for name in losses}, ks),
-               ("SPACE from each θ_0: exact match", "accuracy", runs.curves(results, "eval/accuracy", args.iterations), xs)],
+    panels = [("θ_0: pass@k, held out", "pass@k", {name: [[div[name, s][f"pass@{k}"] for s in args.seeds] for k in ks]
+                                                   for name in losses}, ks)]
+    if args.iterations:
+        panels.append(("SPACE from each θ_0: exact match", "accuracy", runs.curves(results, "eval/accuracy",
+                                                                                  args.iterations), xs))
+    runs.plot(panels,
               os.path.join(args.out, "gem.png"), xlabel="k (left) / iteration t (right)",
               title="GEM against cross-entropy for θ_0, and SPACE from each")
     runs.write(args.out, default_out, "gem.md", text + "\n", ["gem.png"])

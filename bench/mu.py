@@ -79,6 +79,7 @@ def main():
     cmd = f"python bench/mu.py --sft-epochs {args.sft_epochs}" + \
         (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != p.get_default("seeds") else "") + \
         (f" --iterations {args.iterations}" if args.iterations != p.get_default("iterations") else "") + \
+        (f" --train-size {args.train_size}" if args.train_size != p.get_default("train_size") else "") + \
         ("" if args.out == default_out else " --out " + args.out)
     text = [f"Measured by `{cmd}` (seeds {args.seeds}, set A = the first {args.train_size} chats of the demo's SFT "
             f"split, θ_0 = SFT {args.sft_epochs} epochs on A; mean ± sd over seeds). CPU: {runs.cpu()}.", ""]

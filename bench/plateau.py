@@ -72,6 +72,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=1000, help="set A: SFT and self-play chats")
     p.add_argument("--sweep", type=int, nargs="+", default=[4, 8, 16, 32], help="SFT epochs tried for θ_0")
+    p.add_argument("--sweep-seeds", type=int, nargs="+", help="the sweep's seeds (default: --seeds)")
     p.add_argument("--sft-epochs", type=int, help="θ_0's epochs (default: the plateau the sweep finds)")
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -82,15 +83,16 @@ def main():
     cache = os.path.join(runs.ROOT, "out", "theta0")  # θ_0's are shared with mu.py and gem.py
 
     print("sweep: SFT epochs on set A ...", flush=True)
-    jobs = [((e, s), *runs.theta0_job(cache, args.train_size, e, s)) for e in args.sweep for s in args.seeds]
+    sweep_seeds = args.sweep_seeds or args.seeds
+    jobs = [((e, s), *runs.theta0_job(cache, args.train_size, e, s)) for e in args.sweep for s in sweep_seeds]
     sft = runs.parallel(jobs, args.jobs)
-    by_epochs = {e: [sft[e, s] for s in args.seeds] for e in args.sweep}
+    by_epochs = {e: [sft[e, s] for s in sweep_seeds] for e in args.sweep}
     found = plateau(args.sweep, by_epochs)
     E = args.sft_epochs or found or args.sweep[-1]
     verdict = (f"plateau: E = {found}" if found else "no plateau within the sweep") + \
         (f"; θ_0 below: E = {E}" if E != found else "")
     print(f"{verdict} ({time.time() - t0:.0f} s so far)", flush=True)
-    if E not in args.sweep:
+    if E not in args.sweep or set(args.seeds) - set(sweep_seeds):
         sft.update(runs.parallel([((E, s), *runs.theta0_job(cache, args.train_size, E, s)) for s in args.seeds], args.jobs))
 
     print(f"self-play on set A from θ_0 = SFT {E} epochs ...", flush=True)
@@ -109,11 +111,13 @@ def main():
     # the report: no timings in it, so the same command regenerates it byte for byte
     cmd = "python bench/plateau.py" + (f" --sft-epochs {args.sft_epochs}" if args.sft_epochs else "") + \
         (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != p.get_default("seeds") else "") + \
+        (f" --sweep-seeds {' '.join(map(str, sweep_seeds))}" if args.sweep_seeds else "") + \
         (f" --iterations {args.iterations}" if args.iterations != p.get_default("iterations") else "") + \
+        (f" --train-size {args.train_size}" if args.train_size != p.get_default("train_size") else "") + \
         ("" if args.out == default_out else " --out " + args.out)
-    text = [f"Measured by `{cmd}` (seeds {args.seeds}, set A = the first {args.train_size} chats of the demo's "
+    text = [f"Measured by `{cmd}` (sweep: seeds {sweep_seeds}; self-play: seeds {args.seeds}; set A = the first {args.train_size} chats of the demo's "
             f"SFT split, 300 held-out prompts; mean ± sd over seeds). CPU: {runs.cpu()}.", ""]
-    loss = {e: [last_epoch_loss(runs.theta0_job(cache, args.train_size, e, s)[0]) for s in args.seeds] for e in args.sweep}
+    loss = {e: [last_epoch_loss(runs.theta0_job(cache, args.train_size, e, s)[0]) for s in sweep_seeds] for e in args.sweep}
     text.append(runs.table(f"1. SFT on set A for E epochs, from scratch, on the held-out prompts ({verdict})",
                            ["exact match", "log p per token", "log p per response", "training loss, last epoch"],
                            {f"E = {e}": [[r[0][k] for r in by_epochs[e]] for k in
