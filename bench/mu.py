@@ -12,11 +12,13 @@ self-plays on set A for --iterations iterations, 1 epoch each, β = 1, with K sa
 exact match and per-token log-likelihood on the 300 held-out prompts, rewards/real and
 rewards/generated.
 
-Sized for 2 CPU cores: K = 7 makes an iteration draw and train on 8 sequences per prompt, so an
-iteration costs about 4x K = 1's; runs go two at a time on one thread each. The wall time of every
-iteration (between the exports of θ_t and θ_t+1, so with the other run sharing the machine) and the
-load average are printed, never written to OUT/mu.md: a rerun on the same machine regenerates
-mu.md and mu.png byte for byte (copied to bench/results/ when --out is the default).
+Sized for 2 CPU cores: K = 7 makes an iteration draw 7 and train on 8 sequences per prompt, about 4x
+the cost of a K = 1 iteration, so the default is 3 iterations (about 13 minutes for 3 seeds on 2 quiet
+cores, estimated from the processes' CPU times, with K = 1 reused from bench/plateau.py); runs go two
+at a time on one thread each, the costly K = 7 first. The wall time of every iteration (between the
+exports of θ_t and θ_t+1, so with the other run sharing the machine) and the load average are
+printed, never written to OUT/mu.md: a rerun on the same machine regenerates mu.md and mu.png byte for
+byte (copied to bench/results/ when --out is the default); another CPU may differ in the last digits.
 """
 import argparse
 import os
@@ -45,7 +47,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=1000, help="set A: SFT and self-play chats")
     p.add_argument("--sft-epochs", type=int, required=True, help="θ_0's SFT epochs (bench/plateau.py's plateau)")
-    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)

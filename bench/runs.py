@@ -96,12 +96,14 @@ def fmt(values, digits):
     values = [v for v in values if v is not None]
     if not values:
         return ""
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {spread:.{digits}f}"
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(title, header, rows, digits):
-    """rows: {name: [values over seeds, one list per column]} -> a markdown table, mean ± sd."""
+    """rows: {name: [values over seeds, one list per column]} -> a markdown table, mean ± sd (the value
+    alone where one seed ran)."""
     lines = [f"**{title}**", "", "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for name, cols in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(v, digits) for v in cols) + " |")
