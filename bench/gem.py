@@ -103,6 +103,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=["linear"], choices=["linear", "logsigmoid"], help="GEM's h")
     p.add_argument("--prompts", type=int, default=100, help="held-out prompts sampled 16 times each")
     p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--selfplay-seeds", type=int, nargs="+", help="seeds of the SPACE runs (default: --seeds)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--diversity", help=argparse.SUPPRESS)  # the subprocess: sample one θ_0 run folder
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -133,9 +134,9 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         div = dict(pool.map(sample, list(folder)))
 
-    jobs = []
+    jobs, sp_seeds = [], args.selfplay_seeds or args.seeds
     for name, flags in losses.items() if args.iterations else ():  # --iterations 0: θ_0's sampling only
-        for s in args.seeds:
+        for s in sp_seeds:
             out = os.path.join(args.out, f"space_{name.split()[0].lower()}{'_' + flags[-1] if flags else ''}_seed{s}")
             if not flags:  # the CE row is bench/plateau.py's SPACE run, same flags
                 plateau = os.path.join(runs.ROOT, "out", "plateau", f"e{args.sft_epochs}", f"space_seed{s}")
@@ -144,19 +145,20 @@ def main():
                                           "--selfplay-from", "sft", "--train-size", args.train_size, "--selfplay-size",
                                           args.train_size, "--iterations", args.iterations, "--epochs", 1, "--seed", s]))
     done = runs.parallel(jobs, args.jobs)
-    results = {name: [done[name, s] for s in args.seeds] for name in losses} if args.iterations else {}
+    results = {name: [done[name, s] for s in sp_seeds] for name in losses} if args.iterations else {}
     elapsed = time.time() - t0
 
     cmd = f"python bench/gem.py --sft-epochs {args.sft_epochs}" + \
         (" --variants " + " ".join(args.variants) if args.variants != ["linear"] else "") + \
         (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != p.get_default("seeds") else "") + \
+        (f" --selfplay-seeds {' '.join(map(str, sp_seeds))}" if args.selfplay_seeds else "") + \
         (f" --iterations {args.iterations}" if args.iterations != p.get_default("iterations") else "") + \
         (f" --train-size {args.train_size}" if args.train_size != p.get_default("train_size") else "") + \
         (f" --prompts {args.prompts}" if args.prompts != p.get_default("prompts") else "") + \
         ("" if args.out == default_out else " --out " + args.out)
-    text = [f"Measured by `{cmd}` (seeds {args.seeds}, set A = the first {args.train_size} chats of the demo's SFT "
-            f"split, θ_0 = SFT {args.sft_epochs} epochs on A with each loss; {args.prompts} held-out prompts x "
-            f"{SAMPLES} samples at temperature 1; mean ± sd over seeds). CPU: {runs.cpu()}.", ""]
+    text = [f"Measured by `{cmd}` (sampling: seeds {args.seeds}; SPACE: seeds {sp_seeds}; set A = the first "
+            f"{args.train_size} chats of the demo's SFT split, θ_0 = SFT {args.sft_epochs} epochs on A with each loss; "
+            f"{args.prompts} held-out prompts x {SAMPLES} samples at temperature 1; mean ± sd over seeds). CPU: {runs.cpu()}.", ""]
     keys = ["distinct answers", "distinct-1", "distinct-2", "entropy (nats/token)", "pass@1", "pass@4", "pass@16",
             "majority vote", "greedy"]
     text.append(runs.table(f"1. θ_0 sampled {SAMPLES} times per prompt (distinct answers: of {SAMPLES})", keys,
