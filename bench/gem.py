@@ -103,6 +103,8 @@ def main():
     p.add_argument("--variants", nargs="+", default=["linear"], choices=["linear", "logsigmoid"], help="GEM's h")
     p.add_argument("--prompts", type=int, default=100, help="held-out prompts sampled 16 times each")
     p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--cache", default=os.path.join(runs.ROOT, "out", "theta0"),
+                   help="θ_0 run folders (the default is shared with plateau.py and mu.py, whose SPACE run is reused)")
     p.add_argument("--selfplay-seeds", type=int, nargs="+", help="seeds of the SPACE runs (default: --seeds)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--diversity", help=argparse.SUPPRESS)  # the subprocess: sample one θ_0 run folder
@@ -115,7 +117,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     print(runs.cpu(), "|", runs.load(), flush=True)
     t0 = time.time()
-    cache = os.path.join(runs.ROOT, "out", "theta0")
+    cache = args.cache
     losses = {"CE": ()} | {f"GEM (h {h})": ("--sft-loss", "gem", "--gem-h", h) for h in args.variants}
     folder = {(name, s): runs.theta0_job(cache, args.train_size, args.sft_epochs, s, flags)[0]
               for name, flags in losses.items() for s in args.seeds}
@@ -138,7 +140,7 @@ def main():
     for name, flags in losses.items() if args.iterations else ():  # --iterations 0: θ_0's sampling only
         for s in sp_seeds:
             out = os.path.join(args.out, f"space_{name.split()[0].lower()}{'_' + flags[-1] if flags else ''}_seed{s}")
-            if not flags:  # the CE row is bench/plateau.py's SPACE run, same flags
+            if not flags and args.cache == p.get_default("cache"):  # the CE row is bench/plateau.py's SPACE run
                 plateau = os.path.join(runs.ROOT, "out", "plateau", f"e{args.sft_epochs}", f"space_seed{s}")
                 out = plateau if os.path.exists(os.path.join(plateau, "summary.json")) else out
             jobs.append(((name, s), out, ["--model", os.path.join(folder[name, s], "iter_0"), "--method", "space",
@@ -155,6 +157,7 @@ def main():
         (f" --iterations {args.iterations}" if args.iterations != p.get_default("iterations") else "") + \
         (f" --train-size {args.train_size}" if args.train_size != p.get_default("train_size") else "") + \
         (f" --prompts {args.prompts}" if args.prompts != p.get_default("prompts") else "") + \
+        (f" --cache {os.path.relpath(args.cache, runs.ROOT)}" if args.cache != p.get_default("cache") else "") + \
         ("" if args.out == default_out else " --out " + args.out)
     text = [f"Measured by `{cmd}` (sampling: seeds {args.seeds}; SPACE: seeds {sp_seeds}; set A = the first "
             f"{args.train_size} chats of the demo's SFT split, θ_0 = SFT {args.sft_epochs} epochs on A with each loss; "
