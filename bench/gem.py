@@ -176,12 +176,12 @@ def main():
     xs = list(range(args.iterations + 1))
     ks = [1, 4, 16]
     panels = [("θ_0: pass@k, held out", "pass@k", {name: [[div[name, s][f"pass@{k}"] for s in args.seeds] for k in ks]
-                                                   for name in losses}, ks)]
+                                                   for name in losses}, ks, "k")]
     if args.iterations:
         panels.append(("SPACE from each θ_0: exact match", "accuracy", runs.curves(results, "eval/accuracy",
                                                                                   args.iterations), xs))
     runs.plot(panels,
-              os.path.join(args.out, "gem.png"), xlabel="k (left) / iteration t (right)",
+              os.path.join(args.out, "gem.png"),
               title="GEM against cross-entropy for θ_0, and SPACE from each")
     runs.write(args.out, default_out, "gem.md", text + "\n", ["gem.png"])
     print(text)

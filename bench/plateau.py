@@ -130,7 +130,7 @@ def main():
     text = "\n".join(text)
     xs = list(range(args.iterations + 1))
     runs.plot([("SFT on A: exact match", "accuracy", {"SFT": [[r[0]["eval/accuracy"] for r in by_epochs[e]]
-                                                              for e in args.sweep]}, args.sweep),
+                                                              for e in args.sweep]}, args.sweep, "SFT epochs E"),
                ("self-play on A: exact match", "accuracy", runs.curves(results, "eval/accuracy", args.iterations), xs),
                ("self-play on A: held-out log p / token", "log-likelihood per token",
                 runs.curves(results, "eval/heldout_logp_token", args.iterations), xs)],

@@ -116,12 +116,13 @@ def curves(runs, key, iterations):
 
 
 def plot(panels, path, xlabel="iteration t (θ_t)", title=""):
-    """panels: [(title, ylabel, {name: [values over seeds per x]}, xs)] -> one PNG, mean with a min-max band."""
+    """panels: [(title, ylabel, {name: [values over seeds per x]}, xs[, xlabel])] -> one PNG, mean with a
+    min-max band over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=90, squeeze=False)
-    for ax, (name, ylabel, series, xs) in zip(axes[0], panels):
+    for ax, (name, ylabel, series, xs, *own_xlabel) in zip(axes[0], panels):
         for label, cols in series.items():
             pts = [(x, [v for v in c if v is not None]) for x, c in zip(xs, cols)]
             pts = [(x, v) for x, v in pts if v]
@@ -130,8 +131,8 @@ def plot(panels, path, xlabel="iteration t (θ_t)", title=""):
             x = [p[0] for p in pts]
             line, = ax.plot(x, [statistics.fmean(v) for _, v in pts], marker="o", ms=3, label=label)
             ax.fill_between(x, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
-        ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
-    axes[0][0].legend(fontsize=7)
+        ax.set(title=name, xlabel=own_xlabel[0] if own_xlabel else xlabel, ylabel=ylabel)
+        ax.legend(fontsize=7)
     fig.suptitle(title or "mean over seeds (band: min to max)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
