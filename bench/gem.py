@@ -105,6 +105,7 @@ def main():
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--cache", default=os.path.join(runs.ROOT, "out", "theta0"),
                    help="θ_0 run folders (the default is shared with plateau.py and mu.py, whose SPACE run is reused)")
+    p.add_argument("--note", help="a caveat printed under the command line in OUT/gem.md")
     p.add_argument("--selfplay-seeds", type=int, nargs="+", help="seeds of the SPACE runs (default: --seeds)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--diversity", help=argparse.SUPPRESS)  # the subprocess: sample one θ_0 run folder
@@ -162,6 +163,8 @@ def main():
     text = [f"Measured by `{cmd}` (sampling: seeds {args.seeds}; SPACE: seeds {sp_seeds}; set A = the first "
             f"{args.train_size} chats of the demo's SFT split, θ_0 = SFT {args.sft_epochs} epochs on A with each loss; "
             f"{args.prompts} held-out prompts x {SAMPLES} samples at temperature 1; mean ± sd over seeds). CPU: {runs.cpu()}.", ""]
+    if args.note:
+        text.append(f"Note: {args.note}\n")
     keys = ["distinct answers", "distinct-1", "distinct-2", "entropy (nats/token)", "pass@1", "pass@4", "pass@16",
             "majority vote", "greedy"]
     text.append(runs.table(f"1. θ_0 sampled {SAMPLES} times per prompt (distinct answers: of {SAMPLES})", keys,
