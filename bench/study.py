@@ -3,6 +3,7 @@ The papers' claims, measured on the built-in demo task: SFT vs SPIN vs SPACE (an
 
     python bench/study.py                       # everything: about 40 minutes on 2 CPU cores
     python bench/study.py --seeds 0 --iterations 2 --out out/study_quick   # a quick look
+    python bench/study.py --seeds 0 --iterations 1 --train-size 256 --selfplay-size 64 --out out/study_tiny  # a smoke test
 
 From one shared SFT checkpoint θ_0 (train.py's demo SFT), every self-play method runs 5 iterations
 (0 to 4) on the same self-play prompts with the same budget and K, for each seed; two SFT baselines
@@ -13,7 +14,10 @@ on what else the machine is doing. Per iteration the study records exact-match a
 prompts, the mean log-likelihood of held-out real responses, rewards/real and rewards/generated.
 
 It writes OUT/results.md (the table, mean ± standard deviation over seeds) and OUT/study.png, and
-copies both to bench/results/ when --out is the default, which the README shows.
+copies both to bench/results/ when --out is the default, which the README shows. The machine's CPU
+(and whether it has native bf16) is printed with the table: the digits are those of one machine, and
+another CPU may differ in the last ones. The follow-up studies (plateau.py, mu.py, gem.py) share
+bench/runs.py.
 """
 import argparse
 import json
@@ -24,6 +28,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -52,8 +58,10 @@ def main():
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--selfplay-size", type=int, default=1500, help="prompts in the self-play set (x4 for the big SFT)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--train-size", type=int, default=6000, help="θ_0's SFT chats (the demo's default: 6000)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    print(runs.cpu(), "|", runs.load(), flush=True)
     t0 = time.time()
 
     # θ_0: SFT from scratch on the demo's train split, shared by every run below
@@ -61,7 +69,8 @@ def main():
     if not os.path.exists(os.path.join(sft_dir, "summary.json")):
         shutil.rmtree(sft_dir, ignore_errors=True)
         print("SFT θ_0 ...", flush=True)
-        run([sys.executable, TRAIN, "--method", "sft", "--iterations", "0", "--out", sft_dir],
+        run([sys.executable, TRAIN, "--method", "sft", "--iterations", "0", "--train-size", str(args.train_size),
+             "--selfplay-size", str(args.selfplay_size), "--out", sft_dir],
             os.path.join(args.out, "sft.log"))
     theta0 = os.path.join(sft_dir, "iter_0")
 
@@ -99,7 +108,8 @@ def main():
         f.write(text)
     plot(results, args.iterations, os.path.join(args.out, "study.png"))
     print(text)
-    print(f"{elapsed:.0f} s wall ({elapsed / 60:.1f} min), including any runs reused from an earlier call")
+    print(f"CPU: {runs.cpu()}")
+    print(f"{elapsed:.0f} s wall ({elapsed / 60:.1f} min), including any runs reused from an earlier call; {runs.load()}")
     if args.out == p.get_default("out"):
         dest = os.path.join(ROOT, "bench", "results")
         os.makedirs(dest, exist_ok=True)

@@ -1,0 +1,149 @@
+"""
+What the study scripts share (bench/study.py, plateau.py, mu.py, gem.py): run `train.py` commands two
+at a time on one thread each, reuse a finished run, cache the SFT models θ_0, and write mean ± sd
+tables and per-iteration plots. Not a command of its own.
+
+Every run is one `python train.py ...` process with OMP_NUM_THREADS=1, so its numbers depend only on
+the seed and on the CPU: the same command on the same machine gives the same digits; another CPU
+(another instruction set, another bf16 path) may differ in the last ones.
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def cpu() -> str:
+    """The machine, in the words the results quote: model name, cores, native bf16 or not."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return f"{model}, {os.cpu_count()} cores, native bf16: {'yes (' + ', '.join(bf16) + ')' if bf16 else 'no'}"
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def run(cmd, log):
+    """One train.py process on one thread; its output goes to log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if res.returncode != 0:
+        raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd)}\nsee {log}")
+
+
+def train(out, flags):
+    """`python train.py FLAGS --out OUT`, unless OUT already holds a finished run (summary.json).
+    Returns (summary rows, seconds this call spent: 0 for a reused run)."""
+    if not os.path.exists(os.path.join(out, "summary.json")):
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        start = time.time()
+        run([sys.executable, TRAIN, *map(str, flags), "--out", out], out + ".log")
+        spent = time.time() - start
+    else:
+        spent = 0.0
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f), spent
+
+
+def parallel(jobs, n=2):
+    """jobs: (key, out, flags). Runs them n at a time; returns {key: summary rows}, printing each
+    run's wall time as it ends (a reused run prints nothing)."""
+    def work(job):
+        key, out, flags = job
+        rows, spent = train(out, flags)
+        if spent:
+            print(f"  {os.path.basename(out)}: {spent:.0f} s ({load()})", flush=True)
+        return key, rows
+    with ThreadPoolExecutor(n) as pool:
+        return dict(pool.map(work, jobs))
+
+
+def theta0_job(cache, train_size, epochs, seed, sft_flags=()):
+    """The job that trains θ_0: SFT from scratch on the first train_size chats of the demo's SFT split
+    (set A), for `epochs` epochs; run folder cache/NAME, model in cache/NAME/iter_0."""
+    tag = "-".join(str(f).lstrip("-") for f in sft_flags) or "ce"
+    out = os.path.join(cache, f"{tag}_n{train_size}_e{epochs}_seed{seed}")
+    flags = ["--method", "sft", "--iterations", 0, "--train-size", train_size, "--selfplay-size", train_size,
+             "--selfplay-from", "sft", "--sft-epochs", epochs, "--seed", seed, *sft_flags]
+    return out, flags
+
+
+def at(rows, t, key):
+    return rows[t][key] if t < len(rows) and key in rows[t] else None
+
+
+def fmt(values, digits):
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(title, header, rows, digits):
+    """rows: {name: [values over seeds, one list per column]} -> a markdown table, mean ± sd (the value
+    alone where one seed ran)."""
+    lines = [f"**{title}**", "", "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for name, cols in rows.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(v, digits) for v in cols) + " |")
+    return "\n".join(lines + [""])
+
+
+def curves(runs, key, iterations):
+    """runs: {name: [summary rows of each seed]} -> {name: per iteration, the values over seeds}."""
+    return {name: [[at(r, t, key) for r in seeds] for t in range(iterations + 1)] for name, seeds in runs.items()}
+
+
+def plot(panels, path, xlabel="iteration t (θ_t)", title=""):
+    """panels: [(title, ylabel, {name: [values over seeds per x]}, xs[, xlabel])] -> one PNG, mean with a
+    min-max band over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=90, squeeze=False)
+    for ax, (name, ylabel, series, xs, *own_xlabel) in zip(axes[0], panels):
+        for label, cols in series.items():
+            pts = [(x, [v for v in c if v is not None]) for x, c in zip(xs, cols)]
+            pts = [(x, v) for x, v in pts if v]
+            if not pts:
+                continue
+            x = [p[0] for p in pts]
+            line, = ax.plot(x, [statistics.fmean(v) for _, v in pts], marker="o", ms=3, label=label)
+            ax.fill_between(x, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
+        ax.set(title=name, xlabel=own_xlabel[0] if own_xlabel else xlabel, ylabel=ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "mean over seeds (band: min to max)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(out, default_out, name, text, figures=()):
+    """OUT/name (and the figures) and, when OUT is the script's default, copies in bench/results/."""
+    with open(os.path.join(out, name), "w") as f:
+        f.write(text)
+    if os.path.abspath(out) == os.path.abspath(default_out):
+        os.makedirs(RESULTS, exist_ok=True)
+        for file in (name, *figures):
+            shutil.copy(os.path.join(out, file), os.path.join(RESULTS, file))
