@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -400,7 +401,14 @@ def load_data(cfg, rank):
             sample = data.demo_splits(cfg.data_seed + 1, n_train=3000, n_selfplay=0, n_test=0)["train"]
             data.demo_tokenizer(sample, cfg.out, cfg.vocab_size)
         barrier()
-    return data.Tokenizer(tok_file), tok_file, sft, selfplay, held_out
+    tok = data.Tokenizer(tok_file)
+    if rank == 0:  # every export writes transformers' tokenizer files: find out now, not after θ_0's evaluation
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                data.export_tokenizer(tok_file, scratch, source_dir=cfg.model)
+            except ValueError as e:
+                raise SystemExit(f"{tok_file}: its exports could not carry transformers' tokenizer files: {e}")
+    return tok, tok_file, sft, selfplay, held_out
 
 
 def encode_phase_data(tok, cfg, method, chats, records):

@@ -368,13 +368,13 @@ def test_rank0_broadcast_loading_gives_the_same_shards(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k].to_local(), b[k].to_local()), k
-        print("rank", rank, "same shards:", len(a))
+        open(f"{tmp_path}/rank{{rank}}.ok", "w").write(str(len(a)))  # files: the ranks' prints interleave
     """))
     PORT[0] += 1
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(PORT[0]), str(script)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "rank 0 same shards" in res.stdout and "rank 1 same shards" in res.stdout
+    assert [open(tmp_path / f"rank{r}.ok").read() for r in (0, 1)] == ["21", "21"]  # 2 x 9 block tensors + 3
 
 
 def test_bad_data_file_names_path_and_line(tmp_path):
@@ -395,3 +395,24 @@ def test_data_too_small_for_its_split_fails_before_any_work(tmp_path):
     assert ("160 chats in --data, 300 held out (--n-test): none left for self-play; pass --eval-data or a "
             "smaller --n-test") in res.stderr
     assert not os.path.exists(tmp_path / "out" / "iter_0") and time.time() - t0 < 60
+
+
+def test_tokenizer_that_exports_cannot_carry_fails_at_start(tmp_path):
+    """A tokenizer with a dummy prefix and user-defined pieces (the demo's before it dropped the dummy
+    prefix) cannot be written as transformers' tokenizer.json: refused before any work, not at the
+    first export after θ_0's evaluation."""
+    import io
+    import sentencepiece as spm
+    texts = [data.render_chat(c["messages"]).replace(data.EOS, "") for c in data.demo_splits(1, 300, 0, 0)["train"]]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=200, hard_vocab_limit=False,
+        character_coverage=1.0, byte_fallback=False, split_digits=True, add_dummy_prefix=True,
+        user_defined_symbols=["<|system|>", "<|user|>", "<|assistant|>", "\n"], unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, num_threads=1, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    t0 = time.time()
+    res = run_train(tmp_path / "out", "--tokenizer", str(tmp_path / "tokenizer.model"), check=False)
+    assert res.returncode != 0 and time.time() - t0 < 60
+    assert f"{tmp_path / 'tokenizer.model'}: its exports could not carry transformers' tokenizer files" in res.stderr
+    assert not os.path.exists(tmp_path / "out" / "iter_0")
