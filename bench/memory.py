@@ -244,23 +244,27 @@ def measure_fsdp():
     dist.reduce_scatter_single = counted("rs_bytes", dist.reduce_scatter_single, 1, "input")
     dist.all_gather_single = counted("ag_bytes", dist.all_gather_single, 0, "output_tensor")
 
-    def step(n, every, batch):
+    def step(n, every, batch, base=0):
+        """Returns the most memory held between backward passes: the gradients as they wait."""
+        held = 0
         for i in range(n):
             model.set_requires_gradient_sync(every or i == n - 1)
             (self_play_loss(model, batch, False, device) / n).backward()
+            held = max(held, meter.now() - base)
         opt.step()
         opt.zero_grad(set_to_none=True)                            # as train.py: sharded grads freed
+        return held
 
-    step(1, True, make_batch(WARM_SEQ, WARM_SEQ // 2, device))     # warm-up: optimizer state exists
     meter, results = Meter(device), {}
+    step(1, True, make_batch(WARM_SEQ, WARM_SEQ // 2, device))     # warm-up: optimizer state exists
     for micro, sync in FSDP_CELLS:
         dist.barrier()
         sent.clear()
         base = meter.now()
         meter.reset()
         t0 = time.perf_counter()
-        step(micro, sync == "every", make_batch(FSDP_SEQ, FSDP_SEQ // 2, device))
-        results[f"{micro} {sync}"] = {"base": base, "peak": meter.peak() - base,
+        held = step(micro, sync == "every", make_batch(FSDP_SEQ, FSDP_SEQ // 2, device), base)
+        results[f"{micro} {sync}"] = {"base": base, "peak": meter.peak() - base, "held": held,
                                       "seconds": time.perf_counter() - t0, **sent}
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
@@ -336,24 +340,25 @@ def head_table(heads):
 
 def fsdp_table(out):
     """Per rank, the three FSDP2 steps; returns the accumulation term in bytes and its arithmetic."""
-    P = out["params"]
-    print(f"\n### FSDP2 on 2 gloo ranks, 7B width, 2 layers ({P / 1e6:.0f} M parameters), 2 x {FSDP_SEQ} tokens "
-          "per micro-batch, measured: per rank, MB above the resident memory before the step\n")
-    print("| micro-batches | reduce-scatter | rank | before the step | peak above | reduce-scattered GB "
-          "(x fp32 model) | all-gathered GB | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    P, world = out["params"], len(out["ranks"])
+    print(f"\n### FSDP2 on {world} gloo ranks, 7B width, 2 layers ({P / 1e6:.0f} M parameters), 2 x {FSDP_SEQ} "
+          "tokens per micro-batch, measured: per rank, MB above the resident memory before the step\n")
+    print("| micro-batches | reduce-scatter | rank | before the step | held after a backward | peak "
+          "| reduce-scattered GB (x fp32 model) | all-gathered GB | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for micro, sync in FSDP_CELLS:
         for r, ranks in enumerate(out["ranks"]):
             c = ranks[f"{micro} {sync}"]
             print(f"| {micro} | {'after each' if sync == 'every' else 'after the last'} | {r} | {c['base'] / MB:.0f} "
-                  f"| {c['peak'] / MB:.0f} | {c['rs_bytes'] / GB:.2f} ({c['rs_bytes'] / (4 * P):.2f}) "
+                  f"| {c['held'] / MB:.0f} | {c['peak'] / MB:.0f} | {c['rs_bytes'] / GB:.2f} ({c['rs_bytes'] / (4 * P):.2f}) "
                   f"| {c['ag_bytes'] / GB:.2f} | {c['seconds']:.0f} |")
-    peak = {cell: max(r[f"{cell[0]} {cell[1]}"]["peak"] for r in out["ranks"]) for cell in FSDP_CELLS}
-    acc, every = (peak[(MICRO, s)] - peak[(1, "last")] for s in ("last", "every"))
-    print(f"\n{MICRO} micro-batches, reduce-scattered after the last: {acc / MB:+.0f} MB per rank over 1 micro-batch "
-          f"(arithmetic, unsharded fp32 gradients: 4 B x {P / 1e6:.0f} M = {4 * P / MB:.0f} MB); after each: "
-          f"{every / MB:+.0f} MB.")
-    return {"acc": acc, "every": every, "P": P}
+    cell = {k: max((r[f"{k[0]} {k[1]}"] for r in out["ranks"]), key=lambda c: c["peak"]) for k in FSDP_CELLS}
+    acc, every, one = cell[(MICRO, "last")], cell[(MICRO, "every")], cell[(1, "last")]
+    print(f"\nHeld between micro-batches: accumulated {acc['held'] / MB:.0f} MB (arithmetic, unsharded fp32 "
+          f"gradients 4 B x P = {4 * P / MB:.0f} MB), reduce-scattered each time {every['held'] / MB:.0f} MB "
+          f"(sharded, 4 B x P / {world} = {4 * P / world / MB:.0f} MB). Peak over 1 micro-batch: accumulated "
+          f"{(acc['peak'] - one['peak']) / MB:+.0f} MB, reduce-scattered each time {(every['peak'] - one['peak']) / MB:+.0f} MB.")
+    return {"held": acc["held"], "P": P}
 
 
 def plan_table(derived, fsdp):
@@ -386,15 +391,23 @@ def plan_table(derived, fsdp):
              ("activations and step transients, checkpointing", act_ckpt, how_ckpt, "0.9 + head < 0.02"),
              ("one block's reduce-scatter: bf16 gradients + fp32 input", reduce_buf, "A: 218 M x 6 B", "not listed")]
     if fsdp:
-        rows.append(("unsharded fp32 gradients kept across micro-batches (train.py now)", accumulated,
-                     f"A: 4 B x P, which the 2-rank run measured at {fsdp['acc'] / (4 * fsdp['P']):.2f}x", "not listed"))
+        rows.append(("unsharded fp32 gradients held across micro-batches (train.py now), in place of the "
+                     "sharded ones", accumulated, f"A: 4 B x P; the 2-rank run held {fsdp['held'] / (4 * fsdp['P']):.2f}x "
+                     "its 4 B x P", "not listed"))
     for name, b, how, readme in rows:
         print(f"| {name} | {b / GB:.1f} | {how} | {readme} |")
     ckpt = state + act_ckpt + reduce_buf
     print(f"| **peak, checkpointing, reduce-scatter every micro-batch** | **{ckpt / GB:.1f}** | sum | 13 |")
-    print(f"| **peak, checkpointing, accumulated as train.py does** | **{(ckpt + accumulated) / GB:.1f}** | sum | 13 |")
+    print(f"| **peak, checkpointing, accumulated as train.py does** | **{(ckpt - shard + accumulated) / GB:.1f}** "
+          f"| sum | 13 |")
     print(f"| **peak, no checkpointing, reduce-scatter every micro-batch** | **{(state + act_full + reduce_buf) / GB:.1f}** "
           f"| sum | 23 |")
+    micro = 64 // RANKS                             # the paper preset: 64 prompts, 1 per micro-batch
+    gather = 2 * (2 * LAYERS * BLOCK_PARAMS + ROOT_PARAMS)
+    print(f"\nCommunication per optimizer step and rank (A), with the paper preset's {micro} micro-batches: all-gather "
+          f"{micro} x {gather / GB:.1f} GB = {micro * gather / GB:.0f} GB either way (bf16; blocks gathered in forward and "
+          f"again in backward); reduce-scatter input {4 * PARAMS / GB:.0f} GB accumulated, {micro} x {4 * PARAMS / GB:.0f} = "
+          f"{micro * 4 * PARAMS / GB:.0f} GB reduce-scattered each time (fp32). A ring moves 7/8 of each.")
     print(f"\nNot in the sums (A, GPU only): NCCL buffers, the caching allocator's fragmentation, RMSProp's foreach "
           f"sqrt on CUDA (one more state shard, {shard / GB:.1f} GB, at the optimizer step, when activations are gone), "
           f"and generation (README: bf16 θ_t 14.5 GB + KV cache 6.3 GB).")
