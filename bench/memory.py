@@ -23,7 +23,7 @@ space.sequence_logprobs, space_loss, backward, RMSProp (the papers' optimizer). 
             (param_dtype=bf16) computes on each GPU. Opt-in (--precision bf16; give --precision once
             per precision wanted) to keep the default run under 15 minutes; when present, the
             8-GPU plan takes its activations from it
-each with and without activation checkpointing (train.parallelize's checkpoint_wrapper per block).
+each with and without activation checkpointing (parallel.parallelize's checkpoint_wrapper per block).
 
 Method. Each configuration runs in a fresh process. It builds the model and RMSProp and takes one
 warm-up step on 2 x 16 tokens, so that the gradients and the optimizer state exist and one-off
@@ -45,7 +45,7 @@ naive log_softmax over the full [2048, 32000] logits, each in a fresh process, p
 the head and its (pre-allocated) gradient.
 
 FSDP2 (issue 16 item 4): under torchrun on 2 gloo ranks, one core each, at 7B width with 2 layers,
-sharded by train.parallelize (fully_shard per block, then the root; bf16 compute, fp32 reduce),
+sharded by parallel.parallelize (fully_shard per block, then the root; bf16 compute, fp32 reduce),
 2 sequences x 32 tokens per micro-batch (the unsharded-gradient term does not depend on tokens).
 After a warm-up step, three steps in turn: 1 micro-batch; 4 micro-batches reduce-scattered once
 after the last (set_requires_gradient_sync(False) before it, as train.py does); 4 reduce-scattered
@@ -71,7 +71,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+import parallel  # noqa: E402
 from model import PRESETS, Transformer  # noqa: E402
 from space import sequence_logprobs, space_loss  # noqa: E402
 
@@ -173,7 +173,7 @@ def measure_step(precision, ac, layers, device):
     torch.manual_seed(0)
     dtype, use_autocast = PRECISIONS[precision]
     model = Transformer(replace(ARGS, n_layers=layers)).to(device=device, dtype=dtype)
-    model = train.parallelize(model, SimpleNamespace(activation_checkpointing=ac, bf16=use_autocast), 1, device)
+    model = parallel.parallelize(model, SimpleNamespace(activation_checkpointing=ac, bf16=use_autocast), 1, device)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-7)
     self_play_loss(model, make_batch(WARM_SEQ, WARM_SEQ // 2, device), use_autocast, device).backward()
     opt.step()
@@ -235,7 +235,7 @@ def measure_fsdp():
     rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     torch.manual_seed(0)
     model = Transformer(replace(ARGS, n_layers=2))
-    model = train.parallelize(model, SimpleNamespace(activation_checkpointing=False, bf16=True), world, device)
+    model = parallel.parallelize(model, SimpleNamespace(activation_checkpointing=False, bf16=True), world, device)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-7)
     sent = {}
 
