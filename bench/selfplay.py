@@ -21,7 +21,8 @@ and a random real response of NEW tokens per prompt. Speed is counted in tokens 
 P·K·NEW generated tokens plus the P·(1+K)·NEW response tokens scored (prompt tokens go through the
 model in both steps but are not counted). Each cell: one warm-up, then the median of --runs, the
 two pipelines taking turns so that a busy machine slows both alike. The two pipelines' scores of
-the real responses are checked against each other, so both compute the same thing.
+the real responses are checked against each other, so both compute the same thing. On a shared
+CPU, run with OMP_WAIT_POLICY=PASSIVE (see bench/sample.py).
 """
 import argparse
 import importlib.util
