@@ -20,8 +20,9 @@ so there its bf16 table is skipped with the reason printed instead of running fo
 
 On a CPU shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE. By default OpenMP's threads
 spin while they wait for each other, and a thread the scheduler has taken away stalls every
-parallel op; with the machine's cores oversubscribed 8 times over, that made a decode loop 5 to 8
-times slower and varied 2x from run to run, while passive waiting kept it near the 1-thread time.
+parallel op; with the machine's cores oversubscribed 8 times over, that made a decode loop 5 to 10
+times slower than on one thread and varied 2x from run to run, while passive waiting kept it at or
+below the 1-thread time.
 """
 import argparse
 import os
