@@ -6,6 +6,7 @@ every prompt, every iteration), so the loop is written to stay on the device.
     from sample import generate
     replies = generate(model, [ids_a, ids_b], max_new_tokens=256, temperature=0.7, top_p=0.9,
                        eos_id=model.args.eos_id, seed=0)   # new tokens only, eos kept
+    samples = generate(model, prompts, 256, num_samples=4, seed=0)  # 4 replies a prompt, prompt-major; one prefill each
 
 Chat with a checkpoint from the command line (the prompt is rendered with the zephyr template):
 

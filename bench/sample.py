@@ -17,6 +17,12 @@ layers) in bf16, and beside each speed the peak memory one call adds on top of t
 (torch.cuda.max_memory_allocated minus what was allocated before the call). A CPU without native
 bf16 instructions (AVX-512 BF16 or AMX in /proc/cpuinfo) emulates bf16 matmuls many times slower,
 so there its bf16 table is skipped with the reason printed instead of running for an hour.
+
+On a CPU shared with other jobs, run with OMP_WAIT_POLICY=PASSIVE. By default OpenMP's threads
+spin while they wait for each other, and a thread the scheduler has taken away stalls every
+parallel op; with the machine's cores oversubscribed 8 times over, that made a decode loop 5 to 10
+times slower than on one thread and varied 2x from run to run, while passive waiting kept it at or
+below the 1-thread time.
 """
 import argparse
 import os
@@ -61,7 +67,8 @@ def native_bf16_flags() -> list[str]:
 
 def describe(device: torch.device) -> str:
     bf16 = native_bf16_flags()
-    text = (f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, native bf16: "
+    text = (f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
+            f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), native bf16: "
             f"{'yes (' + ', '.join(bf16) + ')' if bf16 else 'no'}")
     if device.type == "cuda":
         text += f"\ngpu: {torch.cuda.get_device_name(device)}"

@@ -21,7 +21,8 @@ and a random real response of NEW tokens per prompt. Speed is counted in tokens 
 P·K·NEW generated tokens plus the P·(1+K)·NEW response tokens scored (prompt tokens go through the
 model in both steps but are not counted). Each cell: one warm-up, then the median of --runs, the
 two pipelines taking turns so that a busy machine slows both alike. The two pipelines' scores of
-the real responses are checked against each other, so both compute the same thing.
+the real responses are checked against each other, so both compute the same thing. On a shared
+CPU, run with OMP_WAIT_POLICY=PASSIVE (see bench/sample.py).
 """
 import argparse
 import importlib.util
@@ -161,9 +162,10 @@ def main():
         fns = {"ours": lambda: run_ours(model, prompts, real, K, cli.score_tokens, device),
                "theirs": lambda: run_theirs(hf, prompts, real, K, cli.score_tokens, device)}
         check = {name: fn()[0] for name, fn in fns.items()}  # also the warm-up
-        # the real responses are the same in both: their scores must agree (sums of 128 log-probs)
+        # the real responses are the same in both: their scores, sums of 128 log-probs near -10 each,
+        # must agree to rounding (bf16 logits round each one by ~0.4%; a wrong gather is off by hundreds)
         for a, b in zip(check["ours"][::1 + K], check["theirs"][::1 + K]):
-            assert abs(a - b) <= 1e-3 * abs(b) + (0.5 if gpu else 0.05), (a, b)
+            assert abs(a - b) <= (1e-2 if gpu else 1e-4) * abs(b), (a, b)
         laps = {name: [] for name in fns}
         for _ in range(cli.runs):
             for name, fn in fns.items():
