@@ -196,6 +196,8 @@ class _TokenValues(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         B, T, d = hidden.shape
         N = y.shape[0]
+        # gathered again, not saved by forward: kept only while this backward runs, not through
+        # the rest of the model's forward and backward
         h = hidden[b_idx, t_idx]                                                         # [N, d]
         coef = ctx.sign * grad_out[b_idx, t_idx].float()                                # [N]
         # The hidden gradient sums over vocab blocks, so it accumulates in fp32 (for fp32
