@@ -104,8 +104,11 @@ def test_readme_command(cmd, workdir):
         from torch.distributed.run import get_args_parser
         i = next(i for i, a in enumerate(cmd) if a.endswith(".py"))
         get_args_parser().parse_args(cmd[1:i + 1])  # torchrun's own flags
-        assert cmd[i] == "train.py"
-        train.parse_args(cmd[i + 1:])  # raises SystemExit on a flag train.py does not take
+        if cmd[i] == "train.py":
+            train.parse_args(cmd[i + 1:])  # raises SystemExit on a flag train.py does not take
+        else:
+            assert cmd[i].startswith("bench/"), shlex.join(cmd)
+            check_help_lists_flags(cmd[i], cmd[i + 1:], workdir)
         return
     assert head == "python", f"README command not covered by tests/test_readme.py: {shlex.join(cmd)}"
     script, args = cmd[1], cmd[2:]
