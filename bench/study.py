@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,14 +40,6 @@ METHODS = {  # name in the table -> train.py flags
     "SFT (same data)": ["--method", "sft"],
     "SFT (4x data)": ["--method", "sft", "--selfplay-size", "SIZE4"],
 }
-
-
-def run(cmd, log):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as f:
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if res.returncode != 0:
-        raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd)}\nsee {log}")
 
 
 def main():
@@ -69,7 +60,7 @@ def main():
     if not os.path.exists(os.path.join(sft_dir, "summary.json")):
         shutil.rmtree(sft_dir, ignore_errors=True)
         print("SFT θ_0 ...", flush=True)
-        run([sys.executable, TRAIN, "--method", "sft", "--iterations", "0", "--train-size", str(args.train_size),
+        runs.run([sys.executable, TRAIN, "--method", "sft", "--iterations", "0", "--train-size", str(args.train_size),
              "--selfplay-size", str(args.selfplay_size), "--out", sft_dir],
             os.path.join(args.out, "sft.log"))
     theta0 = os.path.join(sft_dir, "iter_0")
@@ -90,7 +81,7 @@ def main():
         if not os.path.exists(os.path.join(out, "summary.json")):
             shutil.rmtree(out, ignore_errors=True)
             start = time.time()
-            run(cmd, out + ".log")
+            runs.run(cmd, out + ".log")
             print(f"{name} seed {seed}: {time.time() - start:.0f} s", flush=True)
         with open(os.path.join(out, "summary.json")) as f:
             return name, seed, json.load(f)
