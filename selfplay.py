@@ -24,6 +24,7 @@ of up to 256 tokens, then every response scored by θ_t. So:
 Across nodes OUT must be a shared filesystem: the parts are written by the rank that drew them and
 merged by rank 0.
 """
+import glob
 import os
 
 import torch
@@ -120,12 +121,19 @@ def previous_samples(cfg, t, n_prompts) -> list[list[dict]]:
 def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dict]:
     """Step 1 of the algorithm for iteration t: K samples per prompt from θ_t (policy), the reused
     samples of earlier iterations, and θ_t's reference scores of every response (scorer(seqs) -> s_θt
-    of each (ids, loss_mask), computed as training computes s_θ; `score` below does the work). Returns every record iteration t trains on, on every
-    rank; OUT/iter_t/selfplay.jsonl holds the same records."""
+    of each (ids, loss_mask), computed as training computes s_θ; `score` above does the work).
+    Returns every record iteration t trains on, on every rank; OUT/iter_t/selfplay.jsonl holds them."""
     folder = os.path.join(cfg.out, f"iter_{t}")
     final = os.path.join(folder, "selfplay.jsonl")
-    records = from_rank0(lambda: data.load_selfplay(final) if os.path.exists(final) else None)
-    if records is not None:  # a resumed run: the round was already merged
+
+    def merged_already():  # a resumed run: the round was merged (a kill may have left some parts behind)
+        if not os.path.exists(final):
+            return None
+        for leftover in glob.glob(part_path(folder, 0).replace("00000", "*")):
+            os.remove(leftover)
+        return data.load_selfplay(final)
+    records = from_rank0(merged_already)
+    if records is not None:
         return records
     K = cfg.samples_per_prompt
     prompts = chunked([data.split_chat(ch["messages"]) for ch in chats], cfg.gen_batch)
@@ -138,8 +146,8 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
               f"on disk){reuse}", flush=True)
     for c in tqdm(todo[rank::world], desc=f"generate iter {t}", disable=rank != 0, leave=False):
         ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts[c]]
-        # one seed per chunk of prompts: the same samples whatever the number of ranks
-        # one prefill per prompt, its cache rows copied K times; replies come prompt-major
+        # one seed per chunk of prompts: the same samples whatever the number of ranks; one prefill
+        # per prompt, its cache rows copied K times, so the replies come prompt-major
         out = generate(policy, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                        eos_id=tok.eos_id, seed=cfg.seed * 1_000_003 + t * 10_007 + c, num_samples=K)
         texts = [data.decode_response(tok, o) for o in out]
