@@ -1,15 +1,16 @@
 """Memory of one self-play training step at Mistral-7B's width, measured on the CPU, extrapolated to
 32 layers, and laid out per GPU for FSDP2 over 8 ranks.
 
-    python bench/memory.py          # fp32 and autocast cells, LM head, FSDP2, plan: 1,100 CPU-seconds
-    python bench/memory.py --precision fp32 --precision autocast --precision bf16   # + bf16: 1,350 CPU-s
+    python bench/memory.py          # fp32 and autocast cells, LM head, FSDP2 on 2 ranks, the 8-GPU plan
+    python bench/memory.py --precision fp32 --precision autocast --precision bf16   # + bf16: 11 minutes
     python bench/memory.py --only step --precision bf16   # one part (--only step|head|fsdp), --layers 2
     torchrun --standalone --nproc_per_node 2 bench/memory.py --fsdp   # the FSDP2 cells alone, per-rank JSON
     python bench/memory.py --device cuda --only step --layers 2   # on a GPU (not yet run on one):
                                                                   # torch.cuda.max_memory_allocated
 
-Half the CPU-seconds is the wall time on 2 idle cores (about 9 and 11 minutes); the runs in
-bench/results/memory.md took 35 minutes each at a load average of 5 to 20 from other jobs.
+With all three precisions it took 638 s (10.6 minutes) wall on 2 idle cores (bench/results/memory.md,
+1,115 CPU-seconds in its processes); on the same cores shared with other jobs (load average 5 to 20)
+the same run took 35 minutes.
 
 The model has the 7B preset's shapes (d 4096, hidden 14336, 32 heads, 8 KV heads, V 32000) and 1 or
 2 layers. The step is train.py's self-play micro-batch: 1 prompt with its real and 1 generated
