@@ -2,7 +2,7 @@
 GEM against cross-entropy (Li et al., ICLR 2025): does the diversity-preserving SFT loss give a more
 diverse θ_0, does that diversity pay off under sampling, and does it help self-play afterwards?
 
-    python bench/gem.py --sft-epochs 32           # θ_0 as bench/plateau.py's (set A = 1,000 chats, 32 epochs)
+    python bench/gem.py --sft-epochs 128          # θ_0 as bench/plateau.py's (set A = 1,000 chats, 128 epochs)
     python bench/gem.py --sft-epochs 2 --train-size 256 --seeds 0 --iterations 1 --prompts 20 --out out/gem_quick  # smoke test
 
 1. θ_0 from scratch on set A (the first --train-size chats of the demo's SFT split), the same data,
@@ -21,7 +21,11 @@ diverse θ_0, does that diversity pay off under sampling, and does it help self-
    bench/plateau.py's SPACE run, reused when its folder is there.
 
 Sized for 2 CPU cores: 100 prompts x 16 samples per θ_0, runs (and the sampling of each θ_0, as a
-subprocess: `python bench/gem.py --diversity DIR --seed S`) two at a time on one thread each. It
+subprocess: `python bench/gem.py --diversity DIR --seed S`) two at a time on one thread each. After
+bench/plateau.py, whose CE θ_0 and SPACE runs it reuses, the command above with both variants took
+1,189 s (20 minutes) on 2 idle cores: 6 GEM θ_0 at about 330 s each, 6 SPACE runs at about 50 s, the
+sampling under a minute. From nothing it also trains the 3 CE θ_0 and their SPACE runs: about 29
+minutes with both variants, 20 with h linear alone. It
 writes OUT/gem.md and OUT/gem.png, without timings, so a rerun on the same machine regenerates them
 byte for byte (copied to bench/results/ when --out is the default); another CPU may differ in the
 last digits.
@@ -140,7 +144,8 @@ def main():
     jobs, sp_seeds = [], args.selfplay_seeds or args.seeds
     for name, flags in losses.items() if args.iterations else ():  # --iterations 0: θ_0's sampling only
         for s in sp_seeds:
-            out = os.path.join(args.out, f"space_{name.split()[0].lower()}{'_' + flags[-1] if flags else ''}_seed{s}")
+            out = os.path.join(args.out, f"e{args.sft_epochs}",
+                               f"space_{name.split()[0].lower()}{'_' + flags[-1] if flags else ''}_seed{s}")
             if not flags and args.cache == p.get_default("cache"):  # the CE row is bench/plateau.py's SPACE run
                 plateau = os.path.join(runs.ROOT, "out", "plateau", f"e{args.sft_epochs}", f"space_seed{s}")
                 out = plateau if os.path.exists(os.path.join(plateau, "summary.json")) else out
@@ -171,15 +176,16 @@ def main():
                            {name: [[div[name, s][k] for s in args.seeds] for k in keys] for name in losses}, 3))
     header = [f"θ_{t}" for t in range(args.iterations + 1)]
     for key, title, digits in (("eval/accuracy", "exact match on held-out prompts (greedy)", 3),
-                               ("eval/heldout_logp_token", "log-likelihood per token of held-out real responses", 4)
-                               ) if args.iterations else ():
+                               ("eval/heldout_logp_token", "log-likelihood per token of held-out real responses", 4),
+                               ("samples/identical", "share of generated responses equal to the real one in the "
+                                "iteration that made θ_t", 3)) if args.iterations else ():
         text.append(runs.table(f"2. SPACE from each θ_0, {title}", header, runs.curves(results, key, args.iterations),
                                digits))
     text = "\n".join(text)
     xs = list(range(args.iterations + 1))
     ks = [1, 4, 16]
     panels = [("θ_0: pass@k, held out", "pass@k", {name: [[div[name, s][f"pass@{k}"] for s in args.seeds] for k in ks]
-                                                   for name in losses}, ks, "k")]
+                                                   for name in losses}, ks, "k", "log")]
     if args.iterations:
         panels.append(("SPACE from each θ_0: exact match", "accuracy", runs.curves(results, "eval/accuracy",
                                                                                   args.iterations), xs))

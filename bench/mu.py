@@ -1,8 +1,9 @@
 """
 SPACE's noise ratio μ = K (the SPACE paper's ablation): K ∈ {1, 3, 7} generated responses per prompt,
-μ = K, from the plateau θ_0 of bench/plateau.py, on the same set A.
+μ = K, from an SFT model θ_0 on set A, self-playing on the same set A.
 
-    python bench/mu.py --sft-epochs 32            # θ_0 = bench/plateau.py's (set A = 1,000 chats, 32 epochs)
+    python bench/mu.py --sft-epochs 16            # θ_0 = SFT 16 epochs: its samples still differ from A's answers
+    python bench/mu.py --sft-epochs 128           # θ_0 = bench/plateau.py's (128 epochs: it reproduces A)
     python bench/mu.py --sft-epochs 2 --train-size 256 --seeds 0 --iterations 1 --out out/mu_quick  # smoke test
 
 θ_0 is SFT on set A (the first --train-size chats of the demo's SFT split) for --sft-epochs epochs,
@@ -10,15 +11,17 @@ the same cached model as bench/plateau.py's (out/theta0/, trained here if missin
 self-plays on set A for --iterations iterations, 1 epoch each, β = 1, with K samples per prompt and
 μ = K; K = 1 is bench/plateau.py's SPACE run, reused when its folder is there. Per iteration: greedy
 exact match and per-token log-likelihood on the 300 held-out prompts, rewards/real and
-rewards/generated.
+rewards/generated. μ can only matter where θ_0's samples differ from the annotations: from
+bench/plateau.py's θ_0 (128 epochs, training loss 0.0000) every sample is the annotation and no K
+moves the model, so the ablation proper runs from 16 epochs (training loss about 0.25).
 
 Sized for 2 CPU cores: K = 7 makes an iteration draw 7 and train on 8 sequences per prompt, about 4x
-the cost of a K = 1 iteration, so the default is 3 iterations (about 13 minutes for 3 seeds on 2 quiet
-cores, estimated from the processes' CPU times, with K = 1 reused from bench/plateau.py); runs go two
-at a time on one thread each, the costly K = 7 first. The wall time of every iteration (between the
-exports of θ_t and θ_t+1, so with the other run sharing the machine) and the load average are
-printed, never written to OUT/mu.md: a rerun on the same machine regenerates mu.md and mu.png byte for
-byte (copied to bench/results/ when --out is the default); another CPU may differ in the last digits.
+the cost of a K = 1 iteration; 5 iterations, as bench/plateau.py's, take about 8 minutes for 3 seeds
+on 2 quiet cores (7.3 with K = 1 reused); runs go two at a time on one thread each, the costly K = 7
+first. The wall time of every iteration (between the exports of θ_t and θ_t+1, so with the other
+run sharing the machine) and the load average are printed, never written to OUT/mu_eE.md: a rerun on
+the same machine regenerates mu_eE.md and mu_eE.png byte for byte (copied to bench/results/ when
+--out is the default); another CPU may differ in the last digits.
 """
 import argparse
 import os
@@ -31,7 +34,9 @@ KS = (1, 3, 7)
 METRICS = (("eval/accuracy", "Exact match on held-out prompts", 3),
            ("eval/heldout_logp_token", "Log-likelihood per token of held-out real responses", 4),
            ("rewards/real", "rewards/real during the iteration that made θ_t", 3),
-           ("rewards/generated", "rewards/generated during the iteration that made θ_t (mean over K)", 3))
+           ("rewards/generated", "rewards/generated during the iteration that made θ_t (mean over K)", 3),
+           ("samples/identical", "share of generated responses equal to the real one in the iteration that "
+            "made θ_t", 3))
 
 
 def iteration_times(out, iterations):
@@ -47,7 +52,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=1000, help="set A: SFT and self-play chats")
     p.add_argument("--sft-epochs", type=int, required=True, help="θ_0's SFT epochs (bench/plateau.py's plateau)")
-    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -62,7 +67,7 @@ def main():
             theta0 = os.path.join(runs.theta0_job(cache, args.train_size, args.sft_epochs, s)[0], "iter_0")
             flags = ["--model", theta0, "--method", "space", "--selfplay-from", "sft", "--train-size", args.train_size,
                      "--selfplay-size", args.train_size, "--iterations", args.iterations, "--epochs", 1, "--seed", s]
-            out = os.path.join(args.out, f"k{K}_seed{s}")
+            out = os.path.join(args.out, f"e{args.sft_epochs}", f"k{K}_seed{s}")
             if K == 1:  # bench/plateau.py's SPACE run has exactly these flags
                 plateau = os.path.join(runs.ROOT, "out", "plateau", f"e{args.sft_epochs}", f"space_seed{s}")
                 out = plateau if os.path.exists(os.path.join(plateau, "summary.json")) else out
@@ -90,11 +95,13 @@ def main():
         text.append(runs.table(f"SPACE, {title}", header, runs.curves(results, key, args.iterations), digits))
     text = "\n".join(text)
     xs = list(range(args.iterations + 1))
+    name = f"mu_e{args.sft_epochs}"  # one pair of files per θ_0
     runs.plot([("exact match, held out", "accuracy", runs.curves(results, "eval/accuracy", args.iterations), xs),
                ("log p(real) per token, held out", "log-likelihood per token",
                 runs.curves(results, "eval/heldout_logp_token", args.iterations), xs)],
-              os.path.join(args.out, "mu.png"), title="SPACE with K samples per prompt and μ = K")
-    runs.write(args.out, default_out, "mu.md", text + "\n", ["mu.png"])
+              os.path.join(args.out, name + ".png"),
+              title=f"SPACE with K samples per prompt and μ = K, θ_0 = SFT {args.sft_epochs} epochs on A")
+    runs.write(args.out, default_out, name + ".md", text + "\n", [name + ".png"])
     print(text)
     print(f"{elapsed:.0f} s wall ({elapsed / 60:.1f} min), including runs reused from an earlier call; {runs.load()}")
 

@@ -15,11 +15,14 @@ already fine-tuned on the UltraChat they self-play on).
    sft), 1 epoch per iteration, K = 1, each method at its paper's β: SPACE, SPIN, SPIN reusing the
    previous iteration's samples (--mix-previous 1, SPIN's configs), S-IPO, S-SimPO. The control is
    SFT continued on A (--method sft --selfplay-from sft): the same passes over A, 1 epoch per
-   iteration, at the same learning rate.
+   iteration, at the same learning rate. Per iteration: exact match and per-token log-likelihood on
+   the held-out prompts, rewards/real and rewards/generated, and the share of generated responses
+   that are the real one character for character (such a pair gives no self-play loss a gradient).
 
 Sized for 2 CPU cores: set A is 1,000 chats (a sixth of the demo's SFT split: 16 steps of 64 per epoch,
-so the sweep 4, 8, 16, 32 epochs is 940 SFT steps per seed) and runs go two at a time on one thread
-each; from the processes' CPU times, about 25 minutes on 2 quiet cores (the sweep about a third of it).
+so the sweep 4, 8, ..., 128 epochs is 4,032 SFT steps per seed) and runs go two at a time on one
+thread each; about 25 minutes on 2 quiet cores (the sweep about two thirds of it, a self-play run
+about 50 s).
 On a loaded machine it takes as long as it gets CPU: the script prints each run's wall time and the
 load average. It writes OUT/plateau.md and OUT/plateau.png, copied to bench/results/ when --out is the
 default; they hold no timings, so a rerun on the same machine regenerates them byte for byte (runs are
@@ -43,7 +46,9 @@ METHODS = {  # name in the table -> train.py flags
 METRICS = (("eval/accuracy", "Exact match on held-out prompts", 3),
            ("eval/heldout_logp_token", "Log-likelihood per token of held-out real responses", 4),
            ("rewards/real", "rewards/real during the iteration that made θ_t (r(y) = s_θ − s_θt)", 3),
-           ("rewards/generated", "rewards/generated during the iteration that made θ_t", 3))
+           ("rewards/generated", "rewards/generated during the iteration that made θ_t", 3),
+           ("samples/identical", "Share of generated responses equal to the real one (no gradient) in the "
+            "iteration that made θ_t", 3))
 
 
 def last_epoch_loss(folder):
@@ -71,7 +76,7 @@ def main():
     p.add_argument("--out", default=default_out)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=1000, help="set A: SFT and self-play chats")
-    p.add_argument("--sweep", type=int, nargs="+", default=[4, 8, 16, 32], help="SFT epochs tried for θ_0")
+    p.add_argument("--sweep", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128], help="SFT epochs tried for θ_0")
     p.add_argument("--sweep-seeds", type=int, nargs="+", help="the sweep's seeds (default: --seeds)")
     p.add_argument("--sft-epochs", type=int, help="θ_0's epochs (default: the plateau the sweep finds)")
     p.add_argument("--iterations", type=int, default=5)
@@ -130,12 +135,15 @@ def main():
     text = "\n".join(text)
     xs = list(range(args.iterations + 1))
     runs.plot([("SFT on A: exact match", "accuracy", {"SFT": [[r[0]["eval/accuracy"] for r in by_epochs[e]]
-                                                              for e in args.sweep]}, args.sweep, "SFT epochs E"),
+                                                              for e in args.sweep]}, args.sweep, "SFT epochs E", "log"),
+               ("SFT on A: held-out log p / token", "log-likelihood per token",
+                {"SFT": [[r[0]["eval/heldout_logp_token"] for r in by_epochs[e]] for e in args.sweep]}, args.sweep,
+                "SFT epochs E", "log"),
                ("self-play on A: exact match", "accuracy", runs.curves(results, "eval/accuracy", args.iterations), xs),
                ("self-play on A: held-out log p / token", "log-likelihood per token",
                 runs.curves(results, "eval/heldout_logp_token", args.iterations), xs)],
               os.path.join(args.out, "plateau.png"),
-              title=f"left: θ_0 against SFT epochs (x); middle, right: from θ_0 = SFT {E} epochs, per iteration")
+              title=f"first two: θ_0 against SFT epochs (x); last two: from θ_0 = SFT {E} epochs, per iteration")
     runs.write(args.out, default_out, "plateau.md", text + "\n", ["plateau.png"])
     print(text)
     print(f"{elapsed:.0f} s wall ({elapsed / 60:.1f} min), including runs reused from an earlier call; {runs.load()}")

@@ -62,7 +62,25 @@ def train(out, flags):
     else:
         spent = 0.0
     with open(os.path.join(out, "summary.json")) as f:
-        return json.load(f), spent
+        rows = json.load(f)
+    for t, row in enumerate(rows[1:], 1):  # the pairs that made θ_t: OUT/iter_{t-1}/selfplay.jsonl
+        path = os.path.join(out, f"iter_{t - 1}", "selfplay.jsonl")
+        if os.path.exists(path):
+            row["samples/identical"] = identical(path)
+    return rows, spent
+
+
+def identical(path):
+    """The share of generated responses in a selfplay.jsonl that are the real response, character for
+    character. Such a pair gives every self-play loss no net gradient: its real and generated terms
+    are the same sequence's score."""
+    same = total = 0
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            same += sum(g == r["real"] for g in r["generated"])
+            total += len(r["generated"])
+    return same / max(total, 1)
 
 
 def parallel(jobs, n=2):
@@ -116,13 +134,13 @@ def curves(runs, key, iterations):
 
 
 def plot(panels, path, xlabel="iteration t (θ_t)", title=""):
-    """panels: [(title, ylabel, {name: [values over seeds per x]}, xs[, xlabel])] -> one PNG, mean with a
-    min-max band over seeds."""
+    """panels: [(title, ylabel, {name: [values over seeds per x]}, xs[, xlabel[, "log"]])] -> one PNG,
+    mean with a min-max band over seeds; "log" draws x on a base-2 log scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=90, squeeze=False)
-    for ax, (name, ylabel, series, xs, *own_xlabel) in zip(axes[0], panels):
+    for ax, (name, ylabel, series, xs, *own) in zip(axes[0], panels):
         for label, cols in series.items():
             pts = [(x, [v for v in c if v is not None]) for x, c in zip(xs, cols)]
             pts = [(x, v) for x, v in pts if v]
@@ -131,7 +149,10 @@ def plot(panels, path, xlabel="iteration t (θ_t)", title=""):
             x = [p[0] for p in pts]
             line, = ax.plot(x, [statistics.fmean(v) for _, v in pts], marker="o", ms=3, label=label)
             ax.fill_between(x, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
-        ax.set(title=name, xlabel=own_xlabel[0] if own_xlabel else xlabel, ylabel=ylabel)
+        ax.set(title=name, xlabel=own[0] if own else xlabel, ylabel=ylabel)
+        if own[1:] == ["log"]:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
         ax.legend(fontsize=7)
     fig.suptitle(title or "mean over seeds (band: min to max)", fontsize=9)
     fig.tight_layout()

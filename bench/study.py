@@ -1,7 +1,7 @@
 """
 The papers' claims, measured on the built-in demo task: SFT vs SPIN vs SPACE (and S-IPO, S-SimPO).
 
-    python bench/study.py                       # everything: about 40 minutes on 2 CPU cores
+    python bench/study.py                       # everything: 687 s (11.4 minutes) on 2 idle CPU cores
     python bench/study.py --seeds 0 --iterations 2 --out out/study_quick   # a quick look
     python bench/study.py --seeds 0 --iterations 1 --train-size 256 --selfplay-size 64 --out out/study_tiny  # a smoke test
 
@@ -15,7 +15,7 @@ prompts, the mean log-likelihood of held-out real responses, rewards/real and re
 
 It writes OUT/results.md (the table, mean ± standard deviation over seeds) and OUT/study.png, and
 copies both to bench/results/ when --out is the default, which the README shows. The machine's CPU
-(and whether it has native bf16) is printed with the table: the digits are those of one machine, and
+(and whether it has native bf16) is written with the table: the digits are those of one machine, and
 another CPU may differ in the last ones. The follow-up studies (plateau.py, mu.py, gem.py) share
 bench/runs.py.
 """
@@ -94,12 +94,11 @@ def main():
     cmd = "python bench/study.py" + ("" if args.out == p.get_default("out") else " --out " + args.out)
     # no timing in the file: the same command must regenerate it byte for byte
     text = (f"Measured by `{cmd}` (seeds {args.seeds}, {args.iterations} iterations, self-play set "
-            f"{args.selfplay_size} prompts).\n\n{table}\n")
+            f"{args.selfplay_size} prompts). CPU: {runs.cpu()}.\n\n{table}\n")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     plot(results, args.iterations, os.path.join(args.out, "study.png"))
     print(text)
-    print(f"CPU: {runs.cpu()}")
     print(f"{elapsed:.0f} s wall ({elapsed / 60:.1f} min), including any runs reused from an earlier call; {runs.load()}")
     if args.out == p.get_default("out"):
         dest = os.path.join(ROOT, "bench", "results")
