@@ -3,7 +3,7 @@ Self-play past the SFT plateau, the papers' own regime: θ_0 is SFT on set A unt
 helping, then every method self-plays on the same set A (SPIN and SPACE start from zephyr-7b-sft-full,
 already fine-tuned on the UltraChat they self-play on).
 
-    python bench/plateau.py                      # everything: seeds 0 1 2 (about 25 min on 2 quiet cores)
+    python bench/plateau.py                      # everything: seeds 0 1 2 (about 26 min on 2 quiet cores)
     python bench/plateau.py --seeds 0 --iterations 1 --train-size 256 --sweep 1 2 --out out/plateau_quick  # smoke test
 
 1. The sweep: for each seed, SFT from scratch on set A (the first --train-size chats of the demo's SFT
@@ -21,7 +21,7 @@ already fine-tuned on the UltraChat they self-play on).
 
 Sized for 2 CPU cores: set A is 1,000 chats (a sixth of the demo's SFT split: 16 steps of 64 per epoch,
 so the sweep 4, 8, ..., 128 epochs is 4,032 SFT steps per seed) and runs go two at a time on one
-thread each; about 25 minutes on 2 quiet cores (the sweep about two thirds of it, a self-play run
+thread each; about 26 minutes on 2 quiet cores (the sweep 1,094 s of it, a self-play run
 about 50 s).
 On a loaded machine it takes as long as it gets CPU: the script prints each run's wall time and the
 load average. It writes OUT/plateau.md and OUT/plateau.png, copied to bench/results/ when --out is the

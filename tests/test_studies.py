@@ -1,0 +1,100 @@
+"""The studies' own arithmetic (bench/gem.py, bench/plateau.py, bench/runs.py) against naive
+recomputations: pass@k by enumerating every k-subset of the samples, distinct-n by counting n-grams
+one by one, the plateau rule on sweeps built to stop at a known E, and the count of self-play pairs
+whose sample is the real answer against a direct count over the records, read from the iteration
+that made each θ_t."""
+import itertools
+import json
+import os
+import random
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import gem  # noqa: E402
+import plateau  # noqa: E402
+import runs  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [5, 8, 16])
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_correct_sample(n):
+    rng = random.Random(n)
+    for _ in range(6):
+        c = rng.randrange(n + 1)
+        correct = set(rng.sample(range(n), c))
+        for k in sorted({1, 2, n // 2, n}):
+            subsets = list(itertools.combinations(range(n), k))
+            brute = sum(any(i in correct for i in s) for s in subsets) / len(subsets)
+            assert gem.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+
+
+def test_distinct_n_counts_unique_word_ngrams_over_all_answers():
+    rng = random.Random(0)
+    words = ["a", "b", "c", "d", "17", "42"]
+    for _ in range(20):
+        answers = [" ".join(rng.choice(words) for _ in range(rng.randrange(0, 6))) for _ in range(16)]
+        for n in (1, 2):
+            seen, total = [], 0
+            for a in answers:
+                w = a.split()
+                for i in range(len(w) - n + 1):
+                    total += 1
+                    if w[i:i + n] not in seen:
+                        seen.append(w[i:i + n])
+            assert gem.distinct_n(answers, n) == (len(seen) / total if total else 0.0)
+
+
+def sweep_rows(acc, logp, seeds=3, noise=0.002):
+    """Summary rows of SFT runs per epoch count, seeds scattered around the given means."""
+    rng = random.Random(1)
+    out = {}
+    for e, (a, l) in zip(sorted(acc), zip(acc.values(), logp.values())):
+        out[e] = [[{"eval/accuracy": a + rng.uniform(-noise, noise),
+                    "eval/heldout_logp_token": l + rng.uniform(-noise, noise)}] for _ in range(seeds)]
+    return out
+
+
+def test_plateau_is_the_first_epoch_count_after_which_neither_metric_improves():
+    sweep = [4, 8, 16, 32, 64]
+    # accuracy stops at 16; the log-likelihood still gains 0.05 from 16 to 32, so 16 is no plateau
+    rows = sweep_rows(dict(zip(sweep, [0.0, 0.2, 0.5, 0.505, 0.50])),
+                      dict(zip(sweep, [-2.0, -1.2, -0.8, -0.75, -0.76])))
+    assert plateau.plateau(sweep, rows) == 32
+    # both still rising at the end: no plateau within the sweep
+    rows = sweep_rows(dict(zip(sweep, [0.0, 0.1, 0.2, 0.3, 0.4])),
+                      dict(zip(sweep, [-2.0, -1.8, -1.6, -1.4, -1.2])))
+    assert plateau.plateau(sweep, rows) is None
+    # a falling log-likelihood with flat accuracy is a plateau where the fall begins
+    rows = sweep_rows(dict(zip(sweep, [0.0, 0.3, 0.6, 0.605, 0.61])),
+                      dict(zip(sweep, [-2.0, -1.0, -0.6, -0.7, -0.8])))
+    assert plateau.plateau(sweep, rows) == 16
+
+
+def test_identical_pairs_are_read_from_the_iteration_that_made_each_model(tmp_path):
+    rng = random.Random(2)
+    out = tmp_path / "run"
+    iterations, expected = 3, [None]
+    for t in range(iterations):
+        records, same, total = [], 0, 0
+        for i in range(rng.randrange(5, 15)):
+            real = f"{i} + {t} = {i + t}"
+            generated = [real if rng.random() < 0.4 else f"{i} + {t} = {i + t + rng.randrange(1, 9)}"
+                         for _ in range(rng.choice([1, 3]))]
+            same += generated.count(real)
+            total += len(generated)
+            records.append({"messages": [{"role": "user", "content": f"q{i}"}], "real": real, "generated": generated,
+                            "drawn_by": t})
+        os.makedirs(out / f"iter_{t}")
+        with open(out / f"iter_{t}" / "selfplay.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        expected.append(same / total)
+    os.makedirs(out / f"iter_{iterations}")  # the last model trains on nothing more
+    summary = [{"iteration": t, "eval/accuracy": rng.random()} for t in range(iterations + 1)]
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f)
+    rows, spent = runs.train(str(out), ["never", "run"])
+    assert spent == 0.0  # a finished run is read, not redone
+    assert "samples/identical" not in rows[0]
+    assert [r["samples/identical"] for r in rows[1:]] == pytest.approx(expected[1:])
+    assert len({round(x, 9) for x in expected[1:]}) > 1  # the iterations differ, so an off-by-one shows
