@@ -16,8 +16,8 @@ bench/plateau.py's θ_0 (128 epochs, training loss 0.0000) every sample is the a
 moves the model, so the ablation proper runs from 16 epochs (training loss about 0.25).
 
 Sized for 2 CPU cores: K = 7 makes an iteration draw 7 and train on 8 sequences per prompt, about 4x
-the cost of a K = 1 iteration; 5 iterations, as bench/plateau.py's, take about 8 minutes for 3 seeds
-on 2 quiet cores (7.3 with K = 1 reused); runs go two at a time on one thread each, the costly K = 7
+the cost of a K = 1 iteration; 5 iterations, as bench/plateau.py's, took 503 s (8.4 minutes) for 3
+seeds on 2 idle cores from 16 epochs, and 437 s from 128, where K = 1 is reused; runs go two at a time on one thread each, the costly K = 7
 first. The wall time of every iteration (between the exports of θ_t and θ_t+1, so with the other
 run sharing the machine) and the load average are printed, never written to OUT/mu_eE.md: a rerun on
 the same machine regenerates mu_eE.md and mu_eE.png byte for byte (copied to bench/results/ when
