@@ -17,11 +17,12 @@ moves the model, so the ablation proper runs from 16 epochs (training loss about
 
 Sized for 2 CPU cores: K = 7 makes an iteration draw 7 and train on 8 sequences per prompt, about 4x
 the cost of a K = 1 iteration; 5 iterations, as bench/plateau.py's, took 503 s (8.4 minutes) for 3
-seeds on 2 idle cores from 16 epochs, and 437 s from 128, where K = 1 is reused; runs go two at a time on one thread each, the costly K = 7
-first. The wall time of every iteration (between the exports of θ_t and θ_t+1, so with the other
-run sharing the machine) and the load average are printed, never written to OUT/mu_eE.md: a rerun on
-the same machine regenerates mu_eE.md and mu_eE.png byte for byte (copied to bench/results/ when
---out is the default); another CPU may differ in the last digits.
+seeds on 2 idle cores from 16 epochs, and 437 s from 128, where K = 1 is reused; runs go two at a
+time on one thread each, the costly K = 7 first. The wall time of every iteration (between the
+exports of θ_t and θ_t+1, so with the other run sharing the machine) and the load average are
+printed, never written to OUT/mu_eE.md: a rerun on the same machine regenerates mu_eE.md and
+mu_eE.png byte for byte (copied to bench/results/ when --out is the default); another CPU may differ
+in the last digits.
 """
 import argparse
 import os
