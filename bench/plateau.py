@@ -4,6 +4,7 @@ helping, then every method self-plays on the same set A (SPIN and SPACE start fr
 already fine-tuned on the UltraChat they self-play on).
 
     python bench/plateau.py                      # everything: seeds 0 1 2 (about 26 min on 2 quiet cores)
+    python bench/plateau.py --sft-epochs 16      # the same self-play from θ_0 = SFT 16 epochs (A not yet memorised)
     python bench/plateau.py --seeds 0 --iterations 1 --train-size 256 --sweep 1 2 --out out/plateau_quick  # smoke test
 
 1. The sweep: for each seed, SFT from scratch on set A (the first --train-size chats of the demo's SFT
@@ -24,8 +25,8 @@ so the sweep 4, 8, ..., 128 epochs is 4,032 SFT steps per seed) and runs go two 
 thread each; about 26 minutes on 2 quiet cores (the sweep 1,094 s of it, a self-play run
 about 50 s).
 On a loaded machine it takes as long as it gets CPU: the script prints each run's wall time and the
-load average. It writes OUT/plateau.md and OUT/plateau.png, copied to bench/results/ when --out is the
-default; they hold no timings, so a rerun on the same machine regenerates them byte for byte (runs are
+load average. It writes OUT/plateau.md and OUT/plateau.png (OUT/plateau_eE.* with --sft-epochs E),
+copied to bench/results/ when --out is the default; they hold no timings, so a rerun on the same machine regenerates them byte for byte (runs are
 deterministic for a given seed on one machine; another CPU may differ in the last digits).
 """
 import argparse
@@ -134,6 +135,7 @@ def main():
                                runs.curves(results, key, args.iterations), digits))
     text = "\n".join(text)
     xs = list(range(args.iterations + 1))
+    name = f"plateau_e{E}" if args.sft_epochs else "plateau"  # a θ_0 chosen by hand gets files of its own
     runs.plot([("SFT on A: exact match", "accuracy", {"SFT": [[r[0]["eval/accuracy"] for r in by_epochs[e]]
                                                               for e in args.sweep]}, args.sweep, "SFT epochs E", "log"),
                ("SFT on A: held-out log p / token", "log-likelihood per token",
@@ -142,9 +144,9 @@ def main():
                ("self-play on A: exact match", "accuracy", runs.curves(results, "eval/accuracy", args.iterations), xs),
                ("self-play on A: held-out log p / token", "log-likelihood per token",
                 runs.curves(results, "eval/heldout_logp_token", args.iterations), xs)],
-              os.path.join(args.out, "plateau.png"),
+              os.path.join(args.out, name + ".png"),
               title=f"first two: θ_0 against SFT epochs (x); last two: from θ_0 = SFT {E} epochs, per iteration")
-    runs.write(args.out, default_out, "plateau.md", text + "\n", ["plateau.png"])
+    runs.write(args.out, default_out, name + ".md", text + "\n", [name + ".png"])
     print(text)
     print(f"{elapsed:.0f} s wall ({elapsed / 60:.1f} min), including runs reused from an earlier call; {runs.load()}")
 
