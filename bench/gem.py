@@ -40,7 +40,6 @@ import time
 
 import runs
 
-sys.path.insert(0, runs.ROOT)
 SAMPLES = 16
 
 

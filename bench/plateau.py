@@ -26,8 +26,9 @@ thread each; about 26 minutes on 2 quiet cores (the sweep 1,094 s of it, a self-
 about 50 s).
 On a loaded machine it takes as long as it gets CPU: the script prints each run's wall time and the
 load average. It writes OUT/plateau.md and OUT/plateau.png (OUT/plateau_eE.* with --sft-epochs E),
-copied to bench/results/ when --out is the default; they hold no timings, so a rerun on the same machine regenerates them byte for byte (runs are
-deterministic for a given seed on one machine; another CPU may differ in the last digits).
+copied to bench/results/ when --out is the default; they hold no timings, so a rerun on the same
+machine regenerates them byte for byte (runs are deterministic for a given seed on one machine;
+another CPU may differ in the last digits).
 """
 import argparse
 import os

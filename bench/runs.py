@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 RESULTS = os.path.join(ROOT, "bench", "results")
+sys.path.insert(0, ROOT)  # the project's modules (data.py), imported where they are needed
 
 
 def cpu() -> str:
@@ -74,13 +75,10 @@ def identical(path):
     """The share of generated responses in a selfplay.jsonl that are the real response, character for
     character. Such a pair gives every self-play loss no net gradient: its real and generated terms
     are the same sequence's score."""
-    same = total = 0
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            same += sum(g == r["real"] for g in r["generated"])
-            total += len(r["generated"])
-    return same / max(total, 1)
+    import data  # the project's reader, which checks every record; imported here to keep this module light
+    records = data.load_selfplay(path)
+    same = sum(g == r["real"] for r in records for g in r["generated"])
+    return same / max(sum(len(r["generated"]) for r in records), 1)
 
 
 def parallel(jobs, n=2):

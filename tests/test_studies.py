@@ -76,14 +76,15 @@ def test_identical_pairs_are_read_from_the_iteration_that_made_each_model(tmp_pa
     out = tmp_path / "run"
     iterations, expected = 3, [None]
     for t in range(iterations):
-        records, same, total = [], 0, 0
+        records, same, total, K = [], 0, 0, rng.choice([1, 3])  # K is one per file, as the trainer writes it
         for i in range(rng.randrange(5, 15)):
             real = f"{i} + {t} = {i + t}"
             generated = [real if rng.random() < 0.4 else f"{i} + {t} = {i + t + rng.randrange(1, 9)}"
-                         for _ in range(rng.choice([1, 3]))]
+                         for _ in range(K)]
             same += generated.count(real)
             total += len(generated)
             records.append({"messages": [{"role": "user", "content": f"q{i}"}], "real": real, "generated": generated,
+                            "ref_real": -rng.random(), "ref_generated": [-rng.random() for _ in generated],
                             "drawn_by": t})
         os.makedirs(out / f"iter_{t}")
         with open(out / f"iter_{t}" / "selfplay.jsonl", "w") as f:
