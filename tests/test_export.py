@@ -15,10 +15,9 @@ import mistral_common
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-from model import ModelArgs, Transformer, save_model  # noqa: E402
-from sample import generate  # noqa: E402
+import data
+from model import ModelArgs, Transformer, save_model
+from sample import generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -137,15 +136,6 @@ def test_chat_template(exported, name):
         assert full == tok.encode(data.render_chat(chat), bos=True)
         ids, _ = data.encode_chat(tok, chat)
         assert full[:len(ids)] == ids and tok.decode(full[len(ids):]) == "\n"
-
-
-@pytest.fixture
-def one_thread():
-    # a tiny model: threads buy nothing, and on a busy machine OpenMP's spinning workers slow it down
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_greedy_generate_equals_sample(demo_model_file, tmp_path, one_thread):

@@ -2,16 +2,14 @@
 import json
 import os
 import re
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import PRESETS, ModelArgs, Transformer, load_model, save_model  # noqa: E402
+from model import PRESETS, ModelArgs, Transformer, load_model, save_model
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save_file
 
 # GQA (4 query heads share 2 KV heads) and a window of 8 inside sequences of 24
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,

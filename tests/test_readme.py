@@ -18,9 +18,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
+from conftest import ROOT
+import train
 
 README = os.path.join(ROOT, "README.md")
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-from model import ModelArgs, Transformer, load_model, save_model  # noqa: E402
-from sample import generate  # noqa: E402
+from conftest import ROOT
+import data
+from model import ModelArgs, Transformer, load_model, save_model
+from sample import generate
 
 # a window shorter than the long prompt, and than every prompt plus its generation
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=176,
@@ -20,14 +20,7 @@ LENGTHS = (3, 17, 40)
 N = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # these models are tiny: threads buy nothing, and on a busy machine OpenMP's spinning workers
-    # make every small op slower by 10x or more
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed=0, args=ARGS):
@@ -232,8 +225,6 @@ def test_bf16_model_runs_and_training_mode_is_restored(prompts):
 
 # -----------------------------------------------------------------------------
 # The command line, run as a user runs it: a checkpoint folder with its tokenizer, in a subprocess
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

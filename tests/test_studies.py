@@ -12,9 +12,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import gem  # noqa: E402
-import plateau  # noqa: E402
-import runs  # noqa: E402
+import gem
+import plateau
+import runs
 
 
 @pytest.mark.parametrize("n", [5, 8, 16])

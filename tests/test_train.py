@@ -19,14 +19,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data  # noqa: E402
-import sample  # noqa: E402
-import selfplay  # noqa: E402
-import train  # noqa: E402
-from model import ModelArgs, Transformer, load_model, save_model  # noqa: E402
-from space import sequence_logprobs, space_loss  # noqa: E402
+from conftest import ROOT
+import data
+import sample
+import selfplay
+import train
+from model import ModelArgs, Transformer, load_model, save_model
+from space import sequence_logprobs, space_loss
 
 TRAIN = os.path.join(ROOT, "train.py")
 # the recipe's switches on: reuse of the previous iteration's samples, β and lr per iteration, an SFT
