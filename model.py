@@ -355,6 +355,14 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+            # load_state_dict(assign=True) puts a new parameter under each name on its own, which unties
+            # the head. Every path that builds a model on the meta device loads that way: load_model,
+            # parallel.frozen_copy, and FSDP2's broadcast from rank 0 (set_model_state_dict), where an
+            # untied head would be a stray parameter FSDP does not manage. So tie again after any load.
+            self.register_load_state_dict_post_hook(lambda module, incompatible: module._tie())
+
+    def _tie(self):
+        self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens, positions=None, mask=None, cache=None, return_hidden=False):
         """tokens [B, T] -> logits [B, T, V], or the final normed hidden states [B, T, d].
@@ -508,9 +516,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{path}: missing tensors: {shown}")
-    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)  # ties the head again (Transformer)
     return model
 
 
