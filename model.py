@@ -83,7 +83,9 @@ class ModelArgs:
             return cfg[key]
 
         # switches of transformers' classes that change the network and that this file does not build
-        refused = {"hidden_act": lambda v: v not in (None, "silu"), "attention_bias": bool, "mlp_bias": bool,
+        # (Qwen2's class has its q/k/v biases whatever attention_bias says, and none on o_proj)
+        refused = {"hidden_act": lambda v: v not in (None, "silu"), "mlp_bias": bool,
+                   "attention_bias": lambda v: bool(v) and model_type != "qwen2",
                    "use_sliding_window": bool, "partial_rotary_factor": lambda v: v not in (None, 1, 1.0),
                    "layer_types": lambda v: any(x != "full_attention" for x in v or [])}
         for key, unsupported in refused.items():
@@ -211,7 +213,9 @@ def _token_id(cfg: dict, key: str, default: int) -> int:
     x = cfg.get(key)
     if x is None:
         return default
-    return x[0] if isinstance(x, list) else x  # some configs list several EOS ids; the first is the template's
+    # Llama 3 lists several EOS ids ([128001, 128008, 128009]); the first is kept here. Which ids end a
+    # turn when generating is the tokenizer's and generation_config.json's business, not the network's.
+    return x[0] if isinstance(x, list) else x
 
 
 PRESETS = {

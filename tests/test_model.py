@@ -555,6 +555,50 @@ def test_llama3_config_in_transformers_4_spelling(tmp_path, key):
         assert torch.equal(four(x), five(x))
 
 
+# The config.json files of published checkpoints, in transformers 4.x's spelling as they were released
+# (bf16 dtype and version fields left out). Built on the meta device: the same tensor names and shapes
+# as transformers' own model of the same config, and the published parameter counts.
+PUBLISHED = {
+    "Llama-3.2-1B-Instruct": (1_235_814_400, dict(
+        architectures=["LlamaForCausalLM"], attention_bias=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+        head_dim=64, hidden_act="silu", hidden_size=2048, intermediate_size=8192, max_position_embeddings=131072,
+        mlp_bias=False, model_type="llama", num_attention_heads=32, num_hidden_layers=16, num_key_value_heads=8,
+        pretraining_tp=1, rms_norm_eps=1e-05, rope_theta=500000.0, tie_word_embeddings=True, vocab_size=128256,
+        rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0, original_max_position_embeddings=8192,
+                          rope_type="llama3"))),
+    "Qwen2.5-0.5B-Instruct": (494_032_768, dict(
+        architectures=["Qwen2ForCausalLM"], bos_token_id=151643, eos_token_id=151645, hidden_act="silu", hidden_size=896,
+        intermediate_size=4864, max_position_embeddings=32768, max_window_layers=21, model_type="qwen2",
+        num_attention_heads=14, num_hidden_layers=24, num_key_value_heads=2, rms_norm_eps=1e-06, rope_theta=1000000.0,
+        sliding_window=32768, tie_word_embeddings=True, use_sliding_window=False, vocab_size=151936)),
+    "Qwen3-0.6B": (596_049_920, dict(
+        architectures=["Qwen3ForCausalLM"], attention_bias=False, bos_token_id=151643, eos_token_id=151645, head_dim=128,
+        hidden_act="silu", hidden_size=1024, intermediate_size=3072, max_position_embeddings=40960, max_window_layers=28,
+        model_type="qwen3", num_attention_heads=16, num_hidden_layers=28, num_key_value_heads=8, rms_norm_eps=1e-06,
+        rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True, use_sliding_window=False,
+        vocab_size=151936)),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_build_transformers_tensors(name):
+    from model import hf_name
+    count, cfg = PUBLISHED[name]
+    args = ModelArgs.from_hf(cfg, name)
+    with torch.device("meta"):
+        ours = Transformer(args)
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    assert sum(p.numel() for p in ours.parameters()) == count == sum(p.numel() for p in theirs.parameters())
+    shapes = {n: tuple(t.shape) for n, t in theirs.state_dict().items() if n != "lm_head.weight"}
+    assert {hf_name(n): tuple(t.shape) for n, t in ours.state_dict().items() if n != "output.weight"} == shapes
+    assert ModelArgs.from_hf(args.to_hf()) == args  # and what a save writes reads back the same
+    if args.rope_scaling:  # Llama 3.2's own RoPE numbers (theta 500000, factor 32 over 8192 positions)
+        from model import rope_frequencies
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](theirs.config, "cpu")
+        assert torch.equal(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling), inv_freq)
+
+
 # --- what is refused, by name ------------------------------------------------------------------
 
 @pytest.fixture
