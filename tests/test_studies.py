@@ -42,7 +42,7 @@ def test_distinct_n_counts_unique_word_ngrams_over_all_answers():
                     total += 1
                     if w[i:i + n] not in seen:
                         seen.append(w[i:i + n])
-            assert gem.distinct_n(answers, n) == (len(seen) / total if total else 0.0)
+            assert gem.distinct_n(answers, n) == pytest.approx(len(seen) / total if total else 0.0, rel=1e-12, abs=0)
 
 
 def sweep_rows(acc, logp, seeds=3, noise=0.002):
