@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one go, for the day one is lent: a GPU session is short and
 # costly, so nothing here is typed by hand. On one GPU, under 8 minutes in all (each step has a time
-# limit, and the steps share an overall deadline):
+# limit, and the steps share an overall deadline). The checks of correctness first, then the figures:
 #
-#   1. bench/logprob.py --device cuda   sequence log-probs at Mistral-7B's head: time and peak memory
-#   2. bench/generate.py --device cuda  generate against transformers, a ~1B bf16 model, peak memory
-#   3. bench/round.py --device cuda     a self-play round against transformers, the same model
-#   4. bench/memory.py --device cuda    one training step at 7B width (1 and 2 layers), autocast and bf16
-#   5. train.py --preset smoke --bf16   the demo loop end to end on the GPU under bf16 autocast
-#   6. torchrun --nproc_per_node 1      the same smoke run launched by torchrun (1 process; with one
-#                                       process train.py makes no process group)
-#   7. NCCL on this GPU                 a 1-rank NCCL process group: all_reduce, a broadcast of an object,
+#   1. NCCL on this GPU                 a 1-rank NCCL process group: all_reduce, a broadcast of an object,
 #                                       and FSDP2 (fully_shard per block, then the root; bf16 compute,
 #                                       fp32 reduce, as parallel.py) against the unsharded model
+#   2. train.py --preset smoke --bf16   the demo loop end to end on the GPU under bf16 autocast
+#   3. torchrun --nproc_per_node 1      the same smoke run launched by torchrun (1 process; with one
+#                                       process train.py makes no process group)
+#   4. bench/logprob.py --device cuda   sequence log-probs at Mistral-7B's head: time and peak memory
+#   5. bench/round.py --device cuda     a self-play round against transformers, a ~1B bf16 model
+#   6. bench/generate.py --device cuda  generate against transformers, the same model, peak memory
+#   7. bench/memory.py --device cuda    one training step at 7B width (1 and 2 layers), autocast and bf16
 #
 #     bash bench/gpu.sh                 # figures to bench/results/gpu.md
 #     bash bench/gpu.sh OUT.md          # or to OUT.md
@@ -70,16 +70,6 @@ step() {
     [ "$rc" -ne 0 ] && FAILED+=("$name (exit $rc)")
 }
 
-step "sequence log-probs (bench/logprob.py)" 60 "$PYTHON" bench/logprob.py --device cuda
-step "generation against transformers (bench/generate.py)" 100 "$PYTHON" bench/generate.py --device cuda --runs 3
-step "a self-play round against transformers (bench/round.py)" 70 "$PYTHON" bench/round.py --device cuda --runs 3
-step "one training step at 7B width (bench/memory.py)" 120 \
-    "$PYTHON" bench/memory.py --device cuda --only step --precision autocast --precision bf16
-step "the smoke run in bf16 (train.py)" 60 "$PYTHON" train.py --preset smoke --bf16 --out "$SCRATCH/smoke_bf16"
-step "the smoke run under torchrun, 1 process" 60 \
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 train.py --preset smoke --bf16 \
-    --out "$SCRATCH/smoke_torchrun"
-
 cat > "$SCRATCH/nccl.py" <<'EOF'
 """One NCCL rank on this GPU: collectives, then FSDP2 (as parallel.py applies it) against the plain model."""
 import torch
@@ -132,6 +122,15 @@ dist.destroy_process_group()
 EOF
 step "NCCL and FSDP2 on this GPU, 1 rank" 45 \
     env PYTHONPATH="$ROOT" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 "$SCRATCH/nccl.py"
+step "the smoke run in bf16 (train.py)" 90 "$PYTHON" train.py --preset smoke --bf16 --out "$SCRATCH/smoke_bf16"
+step "the smoke run under torchrun, 1 process" 90 \
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 train.py --preset smoke --bf16 \
+    --out "$SCRATCH/smoke_torchrun"
+step "sequence log-probs (bench/logprob.py)" 60 "$PYTHON" bench/logprob.py --device cuda
+step "a self-play round against transformers (bench/round.py)" 70 "$PYTHON" bench/round.py --device cuda --runs 3
+step "generation against transformers (bench/generate.py)" 100 "$PYTHON" bench/generate.py --device cuda --runs 3
+step "one training step at 7B width (bench/memory.py)" 120 \
+    "$PYTHON" bench/memory.py --device cuda --only step --precision autocast --precision bf16
 
 {
     echo
