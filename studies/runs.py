@@ -21,7 +21,7 @@ TRAIN = os.path.join(ROOT, "train.py")
 RESULTS = os.path.join(ROOT, "studies", "results")
 sys.path.insert(0, ROOT)  # the project's modules (data.py), imported where they are needed
 
-from bench.common import cpu_line as cpu  # noqa: E402  the machine, in the words the results quote
+from bench.common import cpu_line as cpu  # noqa: E402,F401  the machine, in the words the results quote (runs.cpu())
 
 
 def load() -> str:
