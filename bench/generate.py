@@ -93,11 +93,12 @@ def table(args, dtype_name, device, runs, batches, new, decode_prompts, folder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the ~1B bf16 model")
-    parser.add_argument("--model", help="a checkpoint folder: benchmark at its shape and weights (ours and transformers')")
+    parser.add_argument("--model", help="a checkpoint folder: its shape and weights, loaded by us and by transformers")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="only this dtype (default: fp32 and bf16 on a CPU, bf16 on CUDA)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per cell (the median is shown)")
-    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of the tokens/s rows (default: 1 16; CUDA 1 16 64)")
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="batch sizes of the tokens/s rows (default: 1 16; CUDA 1 16 64)")
     parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per row, and decode steps timed")
     parser.add_argument("--decode-prompts", type=int, nargs="+", default=[64, 1024],
                         help="prompt lengths of the ms-per-decode-step rows")
@@ -115,8 +116,9 @@ def main():
         if reason:
             print(f"\n{reason}")
             continue
-        table(common.GPU_ARGS if gpu else common.CPU_ARGS, name, device, cli.runs, cli.batches or ((1, 16, 64) if gpu else (1, 16)),
-              cli.new_tokens, cli.decode_prompts, cli.model)
+        batches = cli.batches or ((1, 16, 64) if gpu else (1, 16))
+        table(common.GPU_ARGS if gpu else common.CPU_ARGS, name, device, cli.runs, batches, cli.new_tokens,
+              cli.decode_prompts, cli.model)
 
 
 if __name__ == "__main__":

@@ -109,14 +109,15 @@ def run_theirs(hf, prompts, real, K, new, max_tokens, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--device", default="cpu", help="cpu (fp32), or cuda for the ~1B bf16 model")
-    parser.add_argument("--model", help="a checkpoint folder: the round at its shape and weights (ours and transformers')")
+    parser.add_argument("--model", help="a checkpoint folder: its shape and weights, loaded by us and by transformers")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per cell (the median is shown)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per round (P)")
     parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per response, and real response length")
     parser.add_argument("--prompt-lengths", type=int, nargs=2, default=[32, 256], metavar=("SHORTEST", "LONGEST"),
                         help="prompt lengths, evenly spread between these")
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4], help="K values, one row each")
-    parser.add_argument("--score-tokens", type=int, default=8192, help="padded tokens per scoring batch, both pipelines")
+    parser.add_argument("--score-tokens", type=int, default=8192,
+                        help="padded tokens per scoring batch, both pipelines")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
