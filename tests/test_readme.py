@@ -15,7 +15,8 @@ through train.parse_args, which also checks the per-iteration schedules; torchru
 torchrun's parser), and every `--flag` must be a whole option of that parser: argparse itself would
 accept `--seed` for `--seeds`, a prefix. `pip install -r FILE`: FILE exists. `python -m pytest PATH`:
 PATH exists, and .ci/run runs exactly that command. `bash .ci/run`: the file exists and runs the
-README's test command.
+README's test command. `sbatch FILE`: FILE exists and each command in it is checked as above, parsed
+and never run. `python -c CODE` is run in the repository's root and must succeed.
 
 To add a new kind of command, add a branch to `check_command` below, keyed on its first words:
 run it when it is cheap and self-contained (copy what it needs into `workdir`), else parse it with
@@ -207,10 +208,30 @@ def is_long_train_run(args):
     return "paper" in args or "--model" in args or "--data" in args
 
 
-def check_command(cmd, workdir):
+def job_script_commands(path):
+    """The commands of a batch script (an sbatch file): its lines with backslash continuations joined,
+    comments and #SBATCH directives dropped."""
+    text = open(path).read().replace("\\\n", " ")
+    return [shlex.split(line) for line in (re.sub(r"(^|\s)#.*$", "", ln).strip() for ln in text.splitlines()) if line]
+
+
+def check_command(cmd, workdir, parse_only=False):
     env, cmd, launcher = strip_launchers(cmd)
-    distributed = launcher is not None  # a distributed run is parsed, never run here
+    distributed = parse_only or launcher is not None  # a distributed run is parsed, never run here
     head = cmd[0]
+
+    if head in ("export", "set"):  # shell set-up in a job script: nothing to check
+        return
+    if head == "sbatch":  # a SLURM job script: it exists, and every command in it is checked, none run
+        script = next((a for a in cmd[1:] if not a.startswith("-")), None)
+        assert script and os.path.exists(os.path.join(ROOT, script)), f"{shlex.join(cmd)}: no such job script"
+        for line in job_script_commands(os.path.join(ROOT, script)):
+            check_command(line, workdir, parse_only=True)
+        return
+    if cmd[:2] == ["python", "-c"]:  # a one-liner a reader types in the repository's root: it must succeed
+        res = run(cmd, ROOT, env)
+        assert res.returncode == 0, f"{shlex.join(cmd)}:\n{res.stderr[-2000:]}"
+        return
 
     if head == "pip":  # CI installs these: the requirement files it names must exist
         assert cmd[1] == "install", shlex.join(cmd)
@@ -300,6 +321,8 @@ def test_the_readme_has_the_commands_a_newcomer_needs():
     ("python -m pytest -x tests", ".ci/run does not run"),
     ("pip install -r requirements-gpu.txt", "no such file"),
     ("make all", "not covered"),
+    ("sbatch jobs/none.sbatch", "no such job script"),
+    ("python -c 'import sys; sys.exit(3)'", "python -c"),
 ])
 def test_a_wrong_command_fails_with_its_reason(cmd, message, tmp_path):
     with pytest.raises(AssertionError, match=re.escape(message)):
@@ -315,3 +338,15 @@ def test_launchers_are_stripped_and_their_flags_checked():
     _, cmd, launcher = strip_launchers(shlex.split(line))
     assert cmd == ["python", "train.py", "--resume", "--out", "runs/x"] and launcher == "torchrun"
     check_command(shlex.split("srun torchrun --nproc_per_node 8 train.py --preset paper --out runs/x"), ROOT)
+
+
+def test_a_job_script_is_checked_line_by_line(tmp_path):
+    """sbatch FILE: each command in the file is checked as a README command would be, none is run."""
+    job = tmp_path / "train.sbatch"
+    job.write_text("#!/bin/bash\n#SBATCH --nodes=2 --signal=B:USR1@300 --requeue\nexport OMP_NUM_THREADS=8\n"
+                   "srun torchrun --nnodes 2 --nproc_per_node 8 --signals-to-handle SIGTERM,SIGUSR1 \\\n"
+                   "    train.py --preset paper --model zephyr --data d.jsonl --out runs/x\n")
+    check_command(["sbatch", str(job)], tmp_path)
+    job.write_text(job.read_text().replace("--out runs/x", "--out runs/x --resum"))  # a prefix of --resume
+    with pytest.raises(AssertionError, match="--resum is not an option"):
+        check_command(["sbatch", str(job)], tmp_path)
