@@ -146,8 +146,26 @@ class _TokenValues(torch.autograd.Function):
     and saves the [N, V] logits. Returns [B, T] fp32, zero at unscored positions.
     """
 
+    # Autocast is switched off inside both passes: the tiles compute in the inputs' own dtype (fp32
+    # softmax either way), as documented, whatever region the caller is in. This matters most in
+    # backward, which runs under the autocast state of the code that calls backward(): a training
+    # loop that calls it inside its autocast block would otherwise get bf16 matmul results to add
+    # into fp32 buffers (index_add_ refuses mixed dtypes), and gradients in another precision than
+    # a backward() called after the block.
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, mask, kind, beta, h_kind, chunk_size, vocab_block):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _TokenValues._forward(ctx, hidden, weight, targets, mask, kind, beta, h_kind, chunk_size,
+                                         vocab_block)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _TokenValues._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, mask, kind, beta, h_kind, chunk_size, vocab_block):
         # hidden [B, T, d], weight [V, d], targets [B, T] long, mask [B, T] bool
         if hidden.dtype != weight.dtype:
             raise TypeError(f"hidden is {hidden.dtype} but the LM head weight is {weight.dtype}")
@@ -191,7 +209,7 @@ class _TokenValues(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def _backward(ctx, grad_out):
         hidden, weight, b_idx, t_idx, y, z_y, lse, s_w = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         B, T, d = hidden.shape

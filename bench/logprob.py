@@ -1,6 +1,6 @@
 """Sequence log-probs through the LM head: time and peak memory of forward + backward.
 
-    python bench/logprob.py                                 # CPU: the table (about 6 minutes on 2 cores)
+    python bench/logprob.py                                 # CPU: the table
     python bench/logprob.py --device cuda                   # GPU: realistic sizes (the default where there is one)
     python bench/logprob.py --chunk 512 --vocab-block 1024  # another tile shape for space
 
@@ -35,17 +35,14 @@ slower, so there the bf16 rows are skipped with a note.
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import space  # noqa: E402
+import common
+import space
 
 # -----------------------------------------------------------------------------
 SIZES = {"cpu": (8, 512, 512, 32000), "cuda": (8, 2048, 4096, 32000)}   # B, T, d, V
@@ -55,36 +52,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # -----------------------------------------------------------------------------
 
 
-def naive(hidden, weight, targets, mask):
-    logits = hidden @ weight.t()                                                   # [B, T, V]
-    logp = torch.log_softmax(logits.float(), dim=-1)                               # [B, T, V] fp32
-    return (logp.gather(-1, targets[..., None]).squeeze(-1) * mask).sum(-1)        # [B]
-
-
 def torch_chunk(hidden, weight, targets, mask):
     nll = F.linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), reduction="none",
                                  options=torch.nn.LinearCrossEntropyOptions())     # [B*T]
     return -(nll.view(mask.shape).float() * mask).sum(-1)                          # [B]
-
-
-def cpu_info():
-    """(model name, whether the CPU has bf16 instructions), from /proc/cpuinfo where there is one."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return "unknown CPU (no /proc/cpuinfo)", False
-    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")  # noqa: E731
-    flags = field("flags").split()
-    return field("model name") or "unknown CPU", "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def make_inputs(dtype_name, device):
@@ -113,7 +84,7 @@ def step(fn, hidden, weight, targets, mask, upstream):
 def variant_fn(variant, chunk_size, vocab_block):
     if variant == "space":
         return lambda h, w, y, m: space.sequence_logprobs(h, w, y, m, chunk_size=chunk_size, vocab_block=vocab_block)
-    return {"naive": naive, "torch-chunk": torch_chunk}[variant]
+    return {"naive": common.naive_logprobs, "torch-chunk": torch_chunk}[variant]
 
 
 def measure_cpu_memory(variant, dtype_name, args):
@@ -122,11 +93,7 @@ def measure_cpu_memory(variant, dtype_name, args):
     fn = variant_fn(variant, args.chunk, args.vocab_block)
     step(fn, *inputs)                                                              # warm-up
     inputs[0].grad = inputs[1].grad = None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                                               # VmHWM <- VmRSS
-    base = status_mib("VmRSS")
-    step(fn, *inputs)
-    return status_mib("VmHWM") - base
+    return common.Meter(torch.device("cpu")).above(lambda: step(fn, *inputs)) / 2**20
 
 
 def measure(dtype_name, args):
@@ -139,10 +106,7 @@ def measure(dtype_name, args):
         step(fn, *inputs)                                                          # warm-up
         if args.device == "cuda":
             inputs[0].grad = inputs[1].grad = None
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step(fn, *inputs)
-            peak[v] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            peak[v] = common.Meter(torch.device("cuda")).above(lambda: step(fn, *inputs)) / 2**20
     times = {v: [] for v in VARIANTS}
     for _ in range(REPEATS[args.device]):
         for v, fn in fns.items():
@@ -151,14 +115,10 @@ def measure(dtype_name, args):
 
 
 def child(args, *what):
-    """Run this file again in a fresh process and return the JSON it prints."""
-    cmd = [sys.executable, __file__, "--device", args.device, "--chunk", str(args.chunk),
-           "--vocab-block", str(args.vocab_block), *what]
-    # Memory only: the mmap threshold makes freed blocks leave the process, so VmHWM is honest, but
-    # it also makes every tile-sized temporary a fresh mmap and page faults; timing runs without it.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20)) if what[0] == "--memory" else dict(os.environ)
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Run this file again in a fresh process and return the JSON it prints (the memory cells with
+    glibc's mmap threshold: see common.run_child)."""
+    return common.run_child([__file__, "--device", args.device, "--chunk", args.chunk, "--vocab-block",
+                             args.vocab_block, *what], mmap=what[0] == "--memory")
 
 
 def main():
@@ -178,19 +138,16 @@ def main():
         return print(json.dumps(measure(args.time, args)))
 
     B, T, D, V = SIZES[args.device]
-    cpu, native_bf16 = cpu_info()
-    print(f"N = {B}x{T} = {B * T} tokens (all scored), d = {D}, V = {V}; torch {torch.__version__}; "
-          f"space tiles {args.chunk} tokens x {args.vocab_block} vocab")
-    print(f"CPU: {cpu}, {'native' if native_bf16 else 'no native'} bf16 (avx512_bf16 / amx_bf16), "
-          f"{torch.get_num_threads()} threads")
-    if args.device == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name()}; peak memory is torch.cuda.max_memory_allocated")
-    print(f"load average before: {open('/proc/loadavg').read().split()[0]}")
+    print(common.machine(torch.device(args.device)))
+    print(f"N = {B}x{T} = {B * T} tokens (all scored), d = {D}, V = {V}; space tiles {args.chunk} tokens x "
+          f"{args.vocab_block} vocab; peak memory: " + ("torch.cuda.max_memory_allocated" if args.device == "cuda"
+                                                         else "VmHWM above VmRSS, a fresh process per cell"))
+    print(f"load average before: {common.load_avg()}")
     print(f"{'variant':<12} {'dtype':<5} {'time ms':>9} {'x naive':>8} {'peak MiB':>9} {'% naive':>8}")
     for dtype_name in DTYPES:
-        if dtype_name == "bf16" and args.device == "cpu" and not native_bf16:
-            print("bf16 skipped: this CPU has neither avx512_bf16 nor amx_bf16, so its bf16 matmuls are "
-                  "emulated, about 100x slower (an hour for this table)")
+        reason = common.bf16_skip_reason(torch.device(args.device), DTYPES[dtype_name])
+        if reason:
+            print(reason)
             continue
         got = child(args, "--time", dtype_name)
         ms = got["ms"]
@@ -199,7 +156,7 @@ def main():
         for v in VARIANTS:
             print(f"{v:<12} {dtype_name:<5} {ms[v]:>9.{digits}f} {ms[v] / ms['naive']:>8.2f} "
                   f"{peak[v]:>9.1f} {100 * peak[v] / peak['naive']:>7.1f}%")
-    print(f"load average after: {open('/proc/loadavg').read().split()[0]} "
+    print(f"load average after: {common.load_avg()} "
           f"(this includes the benchmark's own {torch.get_num_threads()} busy threads)")
 
 

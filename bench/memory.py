@@ -2,15 +2,11 @@
 32 layers, and laid out per GPU for FSDP2 over 8 ranks.
 
     python bench/memory.py          # fp32 and autocast cells, LM head, FSDP2 on 2 ranks, the 8-GPU plan
-    python bench/memory.py --precision fp32 --precision autocast --precision bf16   # + bf16: 11 minutes
+    python bench/memory.py --precision fp32 --precision autocast --precision bf16   # + bf16 (wall times: README)
     python bench/memory.py --only step --precision bf16   # one part (--only step|head|fsdp), --layers 2
     torchrun --standalone --nproc_per_node 2 bench/memory.py --fsdp   # the FSDP2 cells alone, per-rank JSON
     python bench/memory.py --device cuda --only step --layers 2   # on a GPU (not yet run on one):
                                                                   # torch.cuda.max_memory_allocated
-
-With all three precisions it took 638 s (10.6 minutes) wall on 2 idle cores (bench/results/memory.md,
-1,115 CPU-seconds in its processes); on the same cores shared with other jobs (load average 5 to 20)
-the same run took 35 minutes.
 
 The model has the 7B preset's shapes (d 4096, hidden 14336, 32 heads, 8 KV heads, V 32000) and 1 or
 2 layers. The step is train.py's self-play micro-batch: 1 prompt with its real and 1 generated
@@ -60,10 +56,7 @@ as the children's CPU time (user + system), whose half is the wall time on 2 idl
 """
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from types import SimpleNamespace
@@ -71,10 +64,11 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import parallel  # noqa: E402
-from model import PRESETS, Transformer  # noqa: E402
-from space import sequence_logprobs, space_loss  # noqa: E402
+import common
+import parallel
+from common import Meter, naive_logprobs
+from model import PRESETS, Transformer
+from space import sequence_logprobs, space_loss
 
 # -----------------------------------------------------------------------------
 ARGS = PRESETS["mistral-7b"]
@@ -91,36 +85,6 @@ BLOCK_PARAMS = (ARGS.dim * ARGS.head_dim * 2 * (ARGS.n_heads + ARGS.n_kv_heads) 
                 + 3 * ARGS.dim * ARGS.hidden_dim + 2 * ARGS.dim)                  # w1, w2, w3, norms
 ROOT_PARAMS = 2 * ARGS.vocab_size * ARGS.dim + ARGS.dim                             # embedding, head, norm
 PARAMS = LAYERS * BLOCK_PARAMS + ROOT_PARAMS                                        # 7,241,732,096
-
-
-def native_bf16() -> str | None:
-    """The CPU flag that gives bf16 matmuls in hardware, or None."""
-    flags = open("/proc/cpuinfo").read()
-    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
-
-
-class Meter:
-    """Bytes resident in this process (CPU) or held by the caching allocator (CUDA), and their peak."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def _status(self, field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-    def now(self):
-        return torch.cuda.memory_allocated() if self.cuda else self._status("VmRSS")
-
-    def reset(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")                                       # VmHWM <- VmRSS
-
-    def peak(self):
-        return torch.cuda.max_memory_allocated() if self.cuda else self._status("VmHWM")
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
@@ -200,12 +164,6 @@ def measure_step(precision, ac, layers, device):
             "seconds": time.perf_counter() - t0}
 
 
-def naive_logprobs(hidden, weight, targets, mask):
-    logits = hidden @ weight.t()                                                 # [B, T, V]
-    logp = torch.log_softmax(logits.float(), dim=-1)                             # [B, T, V] fp32
-    return (logp.gather(-1, targets[..., None]).squeeze(-1) * mask).sum(-1)      # [B]
-
-
 def measure_head(variant, dtype_name):
     """The LM head and SPACE's loss alone: peak bytes above hidden, the head and its gradient."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -282,14 +240,8 @@ def measure_fsdp():
 
 
 def child(cmd, torchrun=False):
-    """Run this file again in fresh process(es) and return the JSON of its last line."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                                   if torchrun else [])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-    out = subprocess.run(launcher + [__file__, *cmd], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Run this file again in fresh process(es) (2 gloo ranks under torchrun) and return the JSON of its last line."""
+    return common.run_child([__file__, *cmd], mmap=True, nproc=2 if torchrun else 0)
 
 
 def step_tables(cells, device):
@@ -440,7 +392,7 @@ def main():
     t_start = time.time()
     parts = args.only or ["step", "head", "fsdp"]
     precisions = sorted(set(args.precision or ["fp32", "autocast"]), key=list(PRECISIONS).index)
-    cpu_bf16 = native_bf16()
+    cpu_bf16 = (common.native_bf16() or [None])[0]
     flag = cpu_bf16 if args.device == "cpu" else args.device
     if flag is None:
         print(f"skipped {', '.join(p for p in precisions if p != 'fp32')} and the bf16 head rows: this CPU has no "
@@ -448,7 +400,7 @@ def main():
         precisions = ["fp32"]
     print(f"Mistral-7B width (d {ARGS.dim}, hidden {ARGS.hidden_dim}, {ARGS.n_heads} heads, {ARGS.n_kv_heads} KV heads, "
           f"V {ARGS.vocab_size}); torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {flag}; "
-          f"load average before: {open('/proc/loadavg').read().split()[0]}", flush=True)
+          f"load average before: {common.load_avg()}", flush=True)
     derived, fsdp = {}, None
     if "step" in parts:
         cells = {}
@@ -467,7 +419,7 @@ def main():
         plan_table(derived, fsdp)
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"\ntotal {time.time() - t_start:.0f} s wall, {cpu.ru_utime + cpu.ru_stime:.0f} s CPU in the children; "
-          f"load average after: {open('/proc/loadavg').read().split()[0]} (this includes the benchmark's own threads)")
+          f"load average after: {common.load_avg()} (this includes the benchmark's own threads)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import sys
-import time
 
 import mistral_common
 import pytest
@@ -388,9 +387,7 @@ def test_exact_match():
 
 def test_demo_tokenizer(tmp_path):
     chats = sum(data.demo_splits(seed=0).values(), [])
-    start = time.time()
     tok = data.demo_tokenizer(chats, str(tmp_path / "a"))
-    assert time.time() - start < 2
     data.demo_tokenizer(chats, str(tmp_path / "b"))
     with open(tmp_path / "a" / "tokenizer.model", "rb") as a, open(tmp_path / "b" / "tokenizer.model", "rb") as b:
         assert a.read() == b.read()  # same chats, same model

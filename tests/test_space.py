@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import space
 
@@ -143,6 +142,68 @@ def test_sequence_logprobs_on_cuda_with_its_default_tiles(dtype):
     out = value_and_grads(space.sequence_logprobs, hidden, weight, upstream, targets, mask)
     for got, base, want in zip(out, naive, ref):
         assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else rel_err(base, want) + 1e-2)
+
+
+@pytest.mark.parametrize("backward_inside", [True, False], ids=["backward_inside_autocast", "backward_after_it"])
+def test_sequence_logprobs_under_autocast_either_placement_of_backward(backward_inside, vocab_block):
+    """A training loop under bf16 autocast: fp32 master weights, the model's fp32 final norm output,
+    the loss inside the autocast block, and backward() either inside it (as some loops do) or after
+    it. Either way the LM head's tiles compute in the inputs' fp32, so the value and the gradients of
+    hidden and of the head are the naive log-softmax's, recomputed in float64 outside any autocast."""
+    hidden, weight, targets, mask, upstream = make_batch(torch.float32, T=31, V=700)
+    ref = value_and_grads(naive_logprobs, hidden.double(), weight.double(), upstream.double(), targets, mask)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = space.sequence_logprobs(h, w, targets, mask, chunk_size=7)
+        loss = (s * upstream).sum()
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    assert s.dtype == h.grad.dtype == w.grad.dtype == torch.float32
+    for got, want in zip((s.detach(), h.grad, w.grad), ref):
+        assert rel_err(got, want) < 1e-5
+    # GEM shares the tiles' backward: its gradient is the same either way too
+    grads = []
+    for inside in (True, False):
+        h2 = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = space.gem_loss(h2, weight, targets, mask, beta=0.7, h="logsigmoid", chunk_size=7)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append(h2.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_a_model_under_autocast_gets_the_same_gradients_whichever_side_backward_is_on():
+    """The whole model, as train.py runs it with --bf16 in one process: the trunk's matmuls in bf16
+    under autocast, the head through sequence_logprobs. Calling backward() inside the block must not
+    fail (it did: index_add_ of a bf16 tile product into an fp32 buffer) and must give the gradients
+    of a backward() after it."""
+    from model import ModelArgs, Transformer
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=97,
+                     max_seq_len=64, sliding_window=None, model_type="llama")
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(97, (3, 20), generator=g)
+    mask = torch.zeros(3, 19, dtype=torch.bool)
+    for b, (p, n) in enumerate([(4, 10), (9, 6), (2, 17)]):
+        mask[b, p:p + n] = True
+    upstream = torch.randn(3, generator=g)
+    grads = []
+    for inside in (True, False):
+        model = Transformer(args).init_weights(0, std=0.2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model(tokens[:, :-1], return_hidden=True)                      # [3, 19, 32] fp32
+            loss = (space.sequence_logprobs(hidden, model.output.weight, tokens[:, 1:], mask) * upstream).sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert rel_err(grads[0][name], grads[1][name]) < 1e-6, name
 
 
 def test_sequence_logprobs_rejects_mixed_dtypes():
@@ -322,9 +383,11 @@ def test_space_pushes_rewards_independently_spin_only_the_gap():
     _, g_real, g_gen = grads(space.space_loss, 0.3, -0.2)
     assert g_real < 0 < g_gen            # loss falls as r(y) rises and as r(y') falls
     # SPACE: the real push is the same whatever the generated reward is: absolute, not relative
-    assert grads(space.space_loss, 0.3, 5.0)[1] == g_real
-    assert grads(space.space_loss, 0.3, -5.0)[1] == g_real
-    assert grads(space.space_loss, 0.3 + 2, -0.2 + 2) != grads(space.space_loss, 0.3, -0.2)
+    assert grads(space.space_loss, 0.3, 5.0)[1] == pytest.approx(g_real, rel=1e-12)
+    assert grads(space.space_loss, 0.3, -5.0)[1] == pytest.approx(g_real, rel=1e-12)
+    # ... and shifting both rewards by the same constant changes every gradient (by far more than rounding)
+    shifted, base = grads(space.space_loss, 0.3 + 2, -0.2 + 2), grads(space.space_loss, 0.3, -0.2)
+    assert all(abs(a - b) > 0.05 for a, b in zip(shifted, base)), (shifted, base)
     # SPIN: shift both rewards by the same constant and nothing changes; only the gap matters
     base = grads(space.spin_loss, 0.3, -0.2)
     shifted = grads(space.spin_loss, 0.3 + 2, -0.2 + 2)
@@ -362,4 +425,4 @@ def test_reward_metrics():
     assert m["accuracy"] == pytest.approx(1 / 3)   # only row 0 beats both; row 2 ties one
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())  # read back by the caller
     # K = 1 given as [B]
-    assert space.reward_metrics(t(1.0, 0.0), t(0.0, 1.0), t(0.0, 0.0), t(0.0, 0.0))["accuracy"] == 0.5
+    assert space.reward_metrics(t(1.0, 0.0), t(0.0, 1.0), t(0.0, 0.0), t(0.0, 0.0))["accuracy"] == pytest.approx(0.5)

@@ -1,8 +1,8 @@
-"""The studies' own arithmetic (bench/gem.py, bench/plateau.py, bench/runs.py) against naive
+"""The studies' own arithmetic (studies/gem.py, studies/plateau.py, studies/runs.py) against naive
 recomputations: pass@k by enumerating every k-subset of the samples, distinct-n by counting n-grams
-one by one, the plateau rule on sweeps built to stop at a known E, and the count of self-play pairs
+one by one, the plateau rule on sweeps built to stop at a known E, the count of self-play pairs
 whose sample is the real answer against a direct count over the records, read from the iteration
-that made each θ_t."""
+that made each θ_t, and the tables' cells (mean ± sd over seeds, the value alone for one seed)."""
 import itertools
 import json
 import os
@@ -11,10 +11,13 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import gem
-import plateau
-import runs
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "studies"))
+import gem  # noqa: E402
+import plateau  # noqa: E402
+import runs  # noqa: E402
+import study  # noqa: E402
 
 
 @pytest.mark.parametrize("n", [5, 8, 16])
@@ -42,7 +45,7 @@ def test_distinct_n_counts_unique_word_ngrams_over_all_answers():
                     total += 1
                     if w[i:i + n] not in seen:
                         seen.append(w[i:i + n])
-            assert gem.distinct_n(answers, n) == (len(seen) / total if total else 0.0)
+            assert gem.distinct_n(answers, n) == pytest.approx(len(seen) / total if total else 0.0, rel=1e-12, abs=0)
 
 
 def sweep_rows(acc, logp, seeds=3, noise=0.002):
@@ -99,3 +102,21 @@ def test_identical_pairs_are_read_from_the_iteration_that_made_each_model(tmp_pa
     assert "samples/identical" not in rows[0]
     assert [r["samples/identical"] for r in rows[1:]] == pytest.approx(expected[1:])
     assert len({round(x, 9) for x in expected[1:]}) > 1  # the iterations differ, so an off-by-one shows
+
+
+def test_table_cells_are_mean_and_sd_over_seeds_and_the_value_alone_for_one_seed():
+    rng = random.Random(3)
+    three = [rng.uniform(-3, 1) for _ in range(3)]
+    mean = sum(three) / 3
+    sd = (sum((x - mean) ** 2 for x in three) / 2) ** 0.5  # the sample standard deviation, n - 1
+    assert runs.fmt(three, 3) == f"{mean:.3f} ± {sd:.3f}"
+    assert runs.fmt([three[0], None], 3) == f"{three[0]:.3f}"  # a seed without the value does not count
+    assert runs.fmt([None, None], 3) == "" and runs.fmt([], 2) == ""
+    # study.py's tables go through the same cells: one seed shows no "± 0.000" spread
+    rows = [{"eval/accuracy": 0.5}, {"eval/accuracy": 0.25, "eval/heldout_logp": -2.0,
+                                     "rewards/real": 0.125, "rewards/generated": -0.5}]
+    one = study.tabulate({name: [rows] for name in study.METHODS}, 1)
+    assert "±" not in one and "| SPACE | 0.500 | 0.250 |" in one and "|  | -2.00 |" in one
+    many = study.tabulate({name: [rows, rows] for name in study.METHODS}, 1)
+    assert "| SPACE | 0.500 ± 0.000 | 0.250 ± 0.000 |" in many
+    assert one.count("| method | θ_0 | θ_1 |") == 4  # the four metrics, each its table

@@ -2,26 +2,25 @@
 SPACE's noise ratio μ = K (the SPACE paper's ablation): K ∈ {1, 3, 7} generated responses per prompt,
 μ = K, from an SFT model θ_0 on set A, self-playing on the same set A.
 
-    python bench/mu.py --sft-epochs 16            # θ_0 = SFT 16 epochs: its samples still differ from A's answers
-    python bench/mu.py --sft-epochs 128           # θ_0 = bench/plateau.py's (128 epochs: it reproduces A)
-    python bench/mu.py --sft-epochs 2 --train-size 256 --seeds 0 --iterations 1 --out out/mu_quick  # smoke test
+    python studies/mu.py --sft-epochs 16            # θ_0 = SFT 16 epochs: its samples still differ from A's answers
+    python studies/mu.py --sft-epochs 128           # θ_0 = studies/plateau.py's (128 epochs: it reproduces A)
+    python studies/mu.py --sft-epochs 2 --train-size 256 --seeds 0 --iterations 1 --out out/mu_quick  # smoke test
 
 θ_0 is SFT on set A (the first --train-size chats of the demo's SFT split) for --sft-epochs epochs,
-the same cached model as bench/plateau.py's (out/theta0/, trained here if missing). From it, SPACE
+the same cached model as studies/plateau.py's (out/theta0/, trained here if missing). From it, SPACE
 self-plays on set A for --iterations iterations, 1 epoch each, β = 1, with K samples per prompt and
-μ = K; K = 1 is bench/plateau.py's SPACE run, reused when its folder is there. Per iteration: greedy
+μ = K; K = 1 is studies/plateau.py's SPACE run, reused when its folder is there. Per iteration: greedy
 exact match and per-token log-likelihood on the 300 held-out prompts, rewards/real and
 rewards/generated. μ can only matter where θ_0's samples differ from the annotations: from
-bench/plateau.py's θ_0 (128 epochs, training loss 0.0000) every sample is the annotation and no K
+studies/plateau.py's θ_0 (128 epochs, training loss 0.0000) every sample is the annotation and no K
 moves the model, so the ablation proper runs from 16 epochs (training loss about 0.25).
 
 Sized for 2 CPU cores: K = 7 makes an iteration draw 7 and train on 8 sequences per prompt, about 4x
-the cost of a K = 1 iteration; 5 iterations, as bench/plateau.py's, took 503 s (8.4 minutes) for 3
-seeds on 2 idle cores from 16 epochs, and 437 s from 128, where K = 1 is reused; runs go two at a
-time on one thread each, the costly K = 7 first. The wall time of every iteration (between the
+the cost of a K = 1 iteration; 5 iterations, as studies/plateau.py's; runs go two at a time on one
+thread each, the costly K = 7 first. The wall time of every iteration (between the
 exports of θ_t and θ_t+1, so with the other run sharing the machine) and the load average are
 printed, never written to OUT/mu_eE.md: a rerun on the same machine regenerates mu_eE.md and
-mu_eE.png byte for byte (copied to bench/results/ when --out is the default); another CPU may differ
+mu_eE.png byte for byte (copied to studies/results/ when --out is the default); another CPU may differ
 in the last digits.
 """
 import argparse
@@ -52,7 +51,7 @@ def main():
     p.add_argument("--out", default=default_out)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=1000, help="set A: SFT and self-play chats")
-    p.add_argument("--sft-epochs", type=int, required=True, help="θ_0's SFT epochs (bench/plateau.py's plateau)")
+    p.add_argument("--sft-epochs", type=int, required=True, help="θ_0's SFT epochs (studies/plateau.py's plateau)")
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = p.parse_args()
@@ -69,7 +68,7 @@ def main():
             flags = ["--model", theta0, "--method", "space", "--selfplay-from", "sft", "--train-size", args.train_size,
                      "--selfplay-size", args.train_size, "--iterations", args.iterations, "--epochs", 1, "--seed", s]
             out = os.path.join(args.out, f"e{args.sft_epochs}", f"k{K}_seed{s}")
-            if K == 1:  # bench/plateau.py's SPACE run has exactly these flags
+            if K == 1:  # studies/plateau.py's SPACE run has exactly these flags
                 plateau = os.path.join(runs.ROOT, "out", "plateau", f"e{args.sft_epochs}", f"space_seed{s}")
                 out = plateau if os.path.exists(os.path.join(plateau, "summary.json")) else out
             else:
@@ -84,7 +83,7 @@ def main():
         print(f"K = μ = {K}, seed {s}: " + ", ".join(f"{x:.0f}" for x in secs) +
               f" s per iteration (mean {statistics.fmean(secs):.0f} s)")
 
-    cmd = f"python bench/mu.py --sft-epochs {args.sft_epochs}" + \
+    cmd = f"python studies/mu.py --sft-epochs {args.sft_epochs}" + \
         (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != p.get_default("seeds") else "") + \
         (f" --iterations {args.iterations}" if args.iterations != p.get_default("iterations") else "") + \
         (f" --train-size {args.train_size}" if args.train_size != p.get_default("train_size") else "") + \

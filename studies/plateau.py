@@ -3,9 +3,9 @@ Self-play past the SFT plateau, the papers' own regime: θ_0 is SFT on set A unt
 helping, then every method self-plays on the same set A (SPIN and SPACE start from zephyr-7b-sft-full,
 already fine-tuned on the UltraChat they self-play on).
 
-    python bench/plateau.py                      # everything: seeds 0 1 2 (about 26 min on 2 quiet cores)
-    python bench/plateau.py --sft-epochs 16      # the same self-play from θ_0 = SFT 16 epochs (A not yet memorised)
-    python bench/plateau.py --seeds 0 --iterations 1 --train-size 256 --sweep 1 2 --out out/plateau_quick  # smoke test
+    python studies/plateau.py                      # everything: seeds 0 1 2 (wall times: README, Results)
+    python studies/plateau.py --sft-epochs 16      # the same self-play from θ_0 = SFT 16 epochs (A not yet memorised)
+    python studies/plateau.py --seeds 0 --iterations 1 --train-size 256 --sweep 1 2 --out out/plateau_quick  # smoke test
 
 1. The sweep: for each seed, SFT from scratch on set A (the first --train-size chats of the demo's SFT
    split) for E epochs, each E in --sweep, evaluated on the demo's 300 held-out prompts (greedy exact
@@ -22,11 +22,9 @@ already fine-tuned on the UltraChat they self-play on).
 
 Sized for 2 CPU cores: set A is 1,000 chats (a sixth of the demo's SFT split: 16 steps of 64 per epoch,
 so the sweep 4, 8, ..., 128 epochs is 4,032 SFT steps per seed) and runs go two at a time on one
-thread each; about 26 minutes on 2 quiet cores (the sweep 1,094 s of it, a self-play run
-about 50 s).
-On a loaded machine it takes as long as it gets CPU: the script prints each run's wall time and the
-load average. It writes OUT/plateau.md and OUT/plateau.png (OUT/plateau_eE.* with --sft-epochs E),
-copied to bench/results/ when --out is the default; they hold no timings, so a rerun on the same
+thread each. On a loaded machine it takes as long as it gets CPU: the script prints each run's wall
+time and the load average. It writes OUT/plateau.md and OUT/plateau.png (OUT/plateau_eE.* with --sft-epochs E),
+copied to studies/results/ when --out is the default; they hold no timings, so a rerun on the same
 machine regenerates them byte for byte (runs are deterministic for a given seed on one machine;
 another CPU may differ in the last digits).
 """
@@ -116,7 +114,7 @@ def main():
     elapsed = time.time() - t0
 
     # the report: no timings in it, so the same command regenerates it byte for byte
-    cmd = "python bench/plateau.py" + (f" --sft-epochs {args.sft_epochs}" if args.sft_epochs else "") + \
+    cmd = "python studies/plateau.py" + (f" --sft-epochs {args.sft_epochs}" if args.sft_epochs else "") + \
         (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != p.get_default("seeds") else "") + \
         (f" --sweep-seeds {' '.join(map(str, sweep_seeds))}" if args.sweep_seeds else "") + \
         (f" --iterations {args.iterations}" if args.iterations != p.get_default("iterations") else "") + \

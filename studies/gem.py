@@ -2,11 +2,11 @@
 GEM against cross-entropy (Li et al., ICLR 2025): does the diversity-preserving SFT loss give a more
 diverse θ_0, does that diversity pay off under sampling, and does it help self-play afterwards?
 
-    python bench/gem.py --sft-epochs 128          # θ_0 as bench/plateau.py's (set A = 1,000 chats, 128 epochs)
-    python bench/gem.py --sft-epochs 2 --train-size 256 --seeds 0 --iterations 1 --prompts 20 --out out/gem_quick  # smoke test
+    python studies/gem.py --sft-epochs 128          # θ_0 as studies/plateau.py's (set A = 1,000 chats, 128 epochs)
+    python studies/gem.py --sft-epochs 2 --train-size 256 --seeds 0 --iterations 1 --prompts 20 --out out/gem_quick  # smoke test
 
 1. θ_0 from scratch on set A (the first --train-size chats of the demo's SFT split), the same data,
-   epochs and steps for every loss: --sft-loss ce (bench/plateau.py's cached θ_0), --sft-loss gem with
+   epochs and steps for every loss: --sft-loss ce (studies/plateau.py's cached θ_0), --sft-loss gem with
    h linear (GEM's default, β = 0.7) and, with --variants linear logsigmoid, h logsigmoid too.
 2. Each θ_0 answers the first --prompts held-out prompts 16 times at temperature 1 (sample.generate,
    seeded with the run's seed) and once greedily. Per prompt: the number of distinct answers (answers
@@ -18,16 +18,12 @@ diverse θ_0, does that diversity pay off under sampling, and does it help self-
    position that drew the token.
 3. SPACE from each θ_0 on set A (--selfplay-from sft), --iterations iterations of 1 epoch, K = 1:
    greedy exact match and held-out per-token log-likelihood per iteration. The CE row is
-   bench/plateau.py's SPACE run, reused when its folder is there.
+   studies/plateau.py's SPACE run, reused when its folder is there.
 
 Sized for 2 CPU cores: 100 prompts x 16 samples per θ_0, runs (and the sampling of each θ_0, as a
-subprocess: `python bench/gem.py --diversity DIR --seed S`) two at a time on one thread each. After
-bench/plateau.py, whose CE θ_0 and SPACE runs it reuses, the command above with both variants took
-1,189 s (20 minutes) on 2 idle cores: 6 GEM θ_0 at about 330 s each, 6 SPACE runs at about 50 s, the
-sampling under a minute. From nothing it also trains the 3 CE θ_0 and their SPACE runs: about 29
-minutes with both variants, 20 with h linear alone. It
-writes OUT/gem.md and OUT/gem.png, without timings, so a rerun on the same machine regenerates them
-byte for byte (copied to bench/results/ when --out is the default); another CPU may differ in the
+subprocess: `python studies/gem.py --diversity DIR --seed S`) two at a time on one thread each; the
+CE θ_0 and its SPACE runs are studies/plateau.py's when they are cached. It writes OUT/gem.md and OUT/gem.png, without timings, so a rerun on the same machine regenerates them
+byte for byte (copied to studies/results/ when --out is the default); another CPU may differ in the
 last digits.
 """
 import argparse
@@ -102,7 +98,7 @@ def main():
     p.add_argument("--out", default=default_out)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=1000, help="set A: SFT and self-play chats")
-    p.add_argument("--sft-epochs", type=int, help="θ_0's SFT epochs (bench/plateau.py's plateau)")
+    p.add_argument("--sft-epochs", type=int, help="θ_0's SFT epochs (studies/plateau.py's plateau)")
     p.add_argument("--variants", nargs="+", default=["linear"], choices=["linear", "logsigmoid"], help="GEM's h")
     p.add_argument("--prompts", type=int, default=100, help="held-out prompts sampled 16 times each")
     p.add_argument("--iterations", type=int, default=5)
@@ -145,7 +141,7 @@ def main():
         for s in sp_seeds:
             out = os.path.join(args.out, f"e{args.sft_epochs}",
                                f"space_{name.split()[0].lower()}{'_' + flags[-1] if flags else ''}_seed{s}")
-            if not flags and args.cache == p.get_default("cache"):  # the CE row is bench/plateau.py's SPACE run
+            if not flags and args.cache == p.get_default("cache"):  # the CE row is studies/plateau.py's SPACE run
                 plateau = os.path.join(runs.ROOT, "out", "plateau", f"e{args.sft_epochs}", f"space_seed{s}")
                 out = plateau if os.path.exists(os.path.join(plateau, "summary.json")) else out
             jobs.append(((name, s), out, ["--model", os.path.join(folder[name, s], "iter_0"), "--method", "space",
@@ -155,7 +151,7 @@ def main():
     results = {name: [done[name, s] for s in sp_seeds] for name in losses} if args.iterations else {}
     elapsed = time.time() - t0
 
-    cmd = f"python bench/gem.py --sft-epochs {args.sft_epochs}" + \
+    cmd = f"python studies/gem.py --sft-epochs {args.sft_epochs}" + \
         (" --variants " + " ".join(args.variants) if args.variants != ["linear"] else "") + \
         (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != p.get_default("seeds") else "") + \
         (f" --selfplay-seeds {' '.join(map(str, sp_seeds))}" if args.selfplay_seeds else "") + \

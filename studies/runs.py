@@ -1,7 +1,7 @@
 """
-What the study scripts share (bench/study.py, plateau.py, mu.py, gem.py): run `train.py` commands two
-at a time on one thread each, reuse a finished run, cache the SFT models θ_0, and write mean ± sd
-tables and per-iteration plots. Not a command of its own.
+What the study scripts share (studies/study.py, plateau.py, mu.py, gem.py): run `train.py` commands
+two at a time on one thread each, reuse a finished run, cache the SFT models θ_0, and write mean ± sd
+tables and per-iteration plots into studies/results/. Not a command of its own.
 
 Every run is one `python train.py ...` process with OMP_NUM_THREADS=1, so its numbers depend only on
 the seed and on the CPU: the same command on the same machine gives the same digits; another CPU
@@ -18,24 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
-RESULTS = os.path.join(ROOT, "bench", "results")
+RESULTS = os.path.join(ROOT, "studies", "results")
 sys.path.insert(0, ROOT)  # the project's modules (data.py), imported where they are needed
 
-
-def cpu() -> str:
-    """The machine, in the words the results quote: model name, cores, native bf16 or not."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    return f"{model}, {os.cpu_count()} cores, native bf16: {'yes (' + ', '.join(bf16) + ')' if bf16 else 'no'}"
+from bench.common import cpu_line as cpu  # noqa: E402,F401  the machine, in the words the results quote (runs.cpu())
 
 
 def load() -> str:
@@ -117,10 +103,11 @@ def fmt(values, digits):
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(title, header, rows, digits):
+def table(title, header, rows, digits, note="", corner=""):
     """rows: {name: [values over seeds, one list per column]} -> a markdown table, mean ± sd (the value
-    alone where one seed ran)."""
-    lines = [f"**{title}**", "", "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    alone where one seed ran). note follows the bold title; corner heads the column of names."""
+    lines = [f"**{title}**" + (f" {note}" if note else ""), "",
+             f"|{' ' + corner if corner else ''} | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for name, cols in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(v, digits) for v in cols) + " |")
     return "\n".join(lines + [""])
@@ -131,14 +118,15 @@ def curves(runs, key, iterations):
     return {name: [[at(r, t, key) for r in seeds] for t in range(iterations + 1)] for name, seeds in runs.items()}
 
 
-def plot(panels, path, xlabel="iteration t (θ_t)", title=""):
+def plot(panels, path, xlabel="iteration t (θ_t)", title="", width=None, legend="every"):
     """panels: [(title, ylabel, {name: [values over seeds per x]}, xs[, xlabel[, "log"]])] -> one PNG,
-    mean with a min-max band over seeds; "log" draws x on a base-2 log scale."""
+    mean with a min-max band over seeds; "log" draws x on a base-2 log scale. width: the figure's
+    inches (4.6 per panel by default); legend: on "every" panel or the "first" only."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=90, squeeze=False)
-    for ax, (name, ylabel, series, xs, *own) in zip(axes[0], panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(width or 4.6 * len(panels), 3.8), dpi=90, squeeze=False)
+    for i, (ax, (name, ylabel, series, xs, *own)) in enumerate(zip(axes[0], panels)):
         for label, cols in series.items():
             pts = [(x, [v for v in c if v is not None]) for x, c in zip(xs, cols)]
             pts = [(x, v) for x, v in pts if v]
@@ -151,7 +139,8 @@ def plot(panels, path, xlabel="iteration t (θ_t)", title=""):
         if own[1:] == ["log"]:
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
-        ax.legend(fontsize=7)
+        if legend == "every" or i == 0:
+            ax.legend(fontsize=7)
     fig.suptitle(title or "mean over seeds (band: min to max)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -159,7 +148,7 @@ def plot(panels, path, xlabel="iteration t (θ_t)", title=""):
 
 
 def write(out, default_out, name, text, figures=()):
-    """OUT/name (and the figures) and, when OUT is the script's default, copies in bench/results/."""
+    """OUT/name (and the figures) and, when OUT is the script's default, copies in studies/results/."""
     with open(os.path.join(out, name), "w") as f:
         f.write(text)
     if os.path.abspath(out) == os.path.abspath(default_out):
