@@ -80,17 +80,17 @@ def task_dir(tmp_path_factory, run_dir):
     rng = random.Random(7)
     letters = "abcdefghijklmnopqrstuvwxyzé"
     mc = []
-    while len(mc) < 14:
+    while len(mc) < 16:
         s = rng.sample(letters, rng.randint(2, 6))
-        choices = {" ".join(reversed(s)), " ".join(s), " ".join(rng.sample(s, len(s) - 1)),
-                   " ".join(rng.sample(s, len(s)) + [rng.choice(letters)])}
+        extra = rng.choice([c for c in letters if c not in s])
+        answers = {"Reverse the letters: ": s[::-1], "Repeat the letters: ": s, "Drop the last letter: ": s[:-1],
+                   "Add one letter: ": s + [extra], "Répète ces lettres : ": s, "Inverse ces lettres : ": s[::-1]}
+        choices = list(dict.fromkeys(" ".join(a) for a in answers.values()))
+        rng.shuffle(choices)
         if len(choices) < 4:
             continue  # identical choices tie, and a tie's argmax depends on float noise
-        choices = sorted(choices, key=lambda c: rng.random())
-        # half the questions ask for the letters as given: a tiny model copies better than it reverses
-        q, answer = rng.choice([("Reverse the letters: ", " ".join(reversed(s))), ("Repeat the letters: ", " ".join(s)),
-                                ("Inverse ces lettres : ", " ".join(reversed(s))), ("Répète ces lettres : ", " ".join(s))])
-        mc.append({"question": q + " ".join(s), "choices": choices, "label": choices.index(answer)})
+        q = rng.choice(sorted(answers))  # lengths differ, so acc and acc_norm differ
+        mc.append({"question": q + " ".join(s), "choices": choices, "label": choices.index(" ".join(answers[q]))})
     model, tok = load(os.path.join(run_dir, "iter_0"))
     gen = []
     for i in range(10):
@@ -213,15 +213,17 @@ def test_values_equal_transformers_recomputation(evaluated, run_dir, task_dir):
     """acc and acc_norm from log-likelihoods, exact match from greedy generate: transformers only."""
     results, _ = evaluated
     _, mc, gen = task_dir
-    seen = set()
+    seen, differ = set(), 0
     for folder in folders(run_dir):
         model, tok = load(folder)
         acc = acc_norm = 0
         for doc in mc:
             lls = [choice_logprob(model, tok, doc["question"], c) for c in doc["choices"]]
             norm = [ll / len(c) for ll, c in zip(lls, doc["choices"])]  # lm-eval normalises by characters
-            acc += max(range(4), key=lls.__getitem__) == doc["label"]
-            acc_norm += max(range(4), key=norm.__getitem__) == doc["label"]
+            pred, pred_norm = max(range(4), key=lls.__getitem__), max(range(4), key=norm.__getitem__)
+            acc += pred == doc["label"]
+            acc_norm += pred_norm == doc["label"]
+            differ += pred != pred_norm
         em = sum(greedy(model, tok, doc["prompt"]) == doc["answer"] for doc in gen)
         assert value(results, folder, "toy_mc", "acc,none")["value"] == pytest.approx(acc / len(mc), abs=1e-12)
         assert value(results, folder, "toy_mc", "acc_norm,none")["value"] == pytest.approx(acc_norm / len(mc), abs=1e-12)
@@ -229,6 +231,7 @@ def test_values_equal_transformers_recomputation(evaluated, run_dir, task_dir):
         seen.add((acc, acc_norm, em))
     assert em < len(gen) and value(results, folders(run_dir)[0], "toy_gen", "exact_match,none")["value"] >= 0.5
     assert len(seen) > 1  # the iterations score differently: the comparison is not of constants
+    assert all(0 < acc < len(mc) for acc, _, _ in seen) and differ > 0, (seen, differ)  # acc_norm is its own check
 
 
 def test_table_and_plot(evaluated, run_dir):
