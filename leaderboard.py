@@ -52,6 +52,7 @@ SPIN = [
     ("gsm8k", 5, "exact_match,strict-match"),
 ]
 SUITES = {"spin": SPIN, "space": SPIN + [("ifeval", 0, "prompt_level_strict_acc,none")]}
+SUITE_DIRS = ["arc", "hellaswag", "truthfulqa", "mmlu/default", "winogrande", "gsm8k", "ifeval"]  # in lm_eval/tasks/
 
 # the files of an export that decide what a model computes: weights, config, tokenizer, template.
 # selfplay.jsonl, samples.jsonl and eval/ are not among them, so a run that writes them keeps its hash.
@@ -289,10 +290,33 @@ def resolve_tasks(args, task_manager):
 
 
 @functools.lru_cache(maxsize=None)
-def task_manager_for(include_path):
-    """lm-eval's index of every task YAML (built-in and --include-path): seconds to build, so built once."""
+def task_manager_for(paths, include_defaults=True):
     from lm_eval.tasks import TaskManager
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=list(paths) or None, include_defaults=include_defaults)
+
+
+def find_task_manager(args):
+    """lm-eval's index of task YAMLs. All of lm-eval's is about 14,000 files, 10-30 s to read; the
+    suites' tasks live in seven of its folders and local tasks in --include-path, so those are read
+    alone when they hold every task asked for (the same YAMLs, so the same tasks), else all of it."""
+    import lm_eval.tasks
+    local = (args.include_path,) if args.include_path else ()
+    if args.suite:
+        root = os.path.dirname(lm_eval.tasks.__file__)
+        names = [name for name, _, _ in SUITES[args.suite]]
+        narrow = tuple(os.path.join(root, d) for d in SUITE_DIRS) + local
+    else:
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        narrow = local
+    if narrow:
+        tm = task_manager_for(narrow, include_defaults=False)
+        try:
+            for name in names:
+                expand(tm.task_index, name, {}, {})
+            return tm
+        except KeyError:
+            pass  # a name (or a group's member) lives elsewhere in lm-eval
+    return task_manager_for(local)
 
 
 def lm_eval_version():
@@ -512,7 +536,7 @@ def main(argv=None):
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             raise SystemExit("leaderboard.py: --backend vllm: vLLM is not installed (pip install vllm), or use --backend hf")
-    task_manager = task_manager_for(args.include_path)
+    task_manager = find_task_manager(args)
     tasks = resolve_tasks(args, task_manager)
     for folders in runs.values():
         for _, folder in folders:

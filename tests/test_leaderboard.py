@@ -57,6 +57,18 @@ def choice_logprob(model, tok, context, choice):
     return logp[len(ctx) - 1:].gather(-1, cont[:, None]).sum().item()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_environment_report():
+    """simple_evaluate reports the machine (torch's collect_env, git) with each result: 2 s of
+    subprocesses per call on a busy CPU, and nothing a score depends on. Skipped here."""
+    from lm_eval import evaluator
+    mp = pytest.MonkeyPatch()
+    mp.setattr(evaluator, "add_env_info", lambda results: None)
+    mp.setattr(evaluator, "get_git_commit_hash", lambda: None)
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """The smoke preset, one self-play iteration: iter_0 and iter_1 (tiny Mistral, sentencepiece + tokenizer.json)."""
@@ -189,8 +201,9 @@ def test_killed_run_loses_only_the_task_in_progress_and_a_second_call_reruns_not
 
 def test_values_equal_lm_evals_own_simple_evaluate(evaluated, run_dir, task_dir):
     import lm_eval
+    from lm_eval.tasks import TaskManager
     results, _ = evaluated
-    tm = leaderboard.task_manager_for(task_dir[0])  # lm-eval's TaskManager; its index takes seconds to build
+    tm = TaskManager(include_path=task_dir[0], include_defaults=False)  # the local tasks alone: no 14,000-file scan
     for folder in folders(run_dir):
         ref = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": folder, "dtype": "auto"}, tasks=TASKS,
                                       device="cpu", batch_size=int(BATCH), task_manager=tm, log_samples=False)
@@ -296,7 +309,7 @@ def test_without_matplotlib_the_tables_are_written_and_the_plot_skipped(evaluate
 
 def test_config_hash_follows_the_data_and_the_yaml(task_dir, tmp_path):
     """A changed data file or task setting is a different task: a new key, so no stale result is reused."""
-    entry = leaderboard.task_manager_for(task_dir[0]).task_index["toy_mc"]
+    entry = leaderboard.task_manager_for((task_dir[0],), include_defaults=False).task_index["toy_mc"]
     data = tmp_path / "mc.jsonl"
     shutil.copy(os.path.join(task_dir[0], "mc.jsonl"), data)
     cfg = {**entry.cfg, "dataset_kwargs": {"data_files": {"test": str(data)}}}
@@ -313,8 +326,12 @@ def test_config_hash_follows_the_data_and_the_yaml(task_dir, tmp_path):
 # The suites, resolved without running anything
 
 def test_suites_resolve_to_the_papers_tasks_shots_and_metrics(task_dir):
-    tm = leaderboard.task_manager_for(task_dir[0])  # lm-eval's own tasks, and the two local ones
-    spin = leaderboard.resolve_tasks(leaderboard.parse_args(["x", "--suite", "spin"]), tm)
+    args = leaderboard.parse_args(["x", "--suite", "spin", "--include-path", task_dir[0]])
+    tm = leaderboard.find_task_manager(args)
+    assert "arc_easy" in tm.all_tasks and "lambada" not in tm.all_tasks  # the suites' folders of lm-eval, read alone
+    spin = leaderboard.resolve_tasks(args, tm)
+    # the same as from all of lm-eval's tasks (a full index, kept for the unknown-task test below)
+    assert spin == leaderboard.resolve_tasks(args, leaderboard.task_manager_for((task_dir[0],)))
     got = {t["name"]: (t["shots"], t["metric"]) for t in spin}
     assert got == {"arc_challenge": (25, "acc_norm,none"), "hellaswag": (10, "acc_norm,none"),
                    "truthfulqa_mc2": (0, "acc,none"), "mmlu": (5, "subtask_mean(acc,none)"),
