@@ -296,6 +296,29 @@ def test_limit_results_are_never_taken_for_full_ones(evaluated, run_dir, task_di
     assert json.load(open(os.path.join(run_dir, "eval", "results.json")))["rows"] == results["rows"]
 
 
+def test_a_model_folder_alone_with_the_chat_template(evaluated, run_dir, task_dir, tmp_path, monkeypatch):
+    """A plain model folder in place of a run, prompts rendered with its chat template (zephyr's, in
+    the export): the values are lm-eval's with apply_chat_template, and the template is in the key."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    folder = str(tmp_path / "theta_1")
+    shutil.copytree(os.path.join(run_dir, "iter_1"), folder, ignore=shutil.ignore_patterns("eval"))
+    calls = Counter(monkeypatch)
+    leaderboard.main(command(folder, task_dir[0], "--apply-chat-template"))
+    assert calls.calls == [["toy_mc"], ["toy_gen"]]
+    results = json.load(open(os.path.join(folder, "eval", "results.json")))
+    assert {r["iteration"] for r in results["rows"]} == {None} and results["settings"]["apply_chat_template"]
+    ref = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": folder, "dtype": "auto"}, tasks=TASKS,
+                                  device="cpu", batch_size=int(BATCH), apply_chat_template=True, log_samples=False,
+                                  task_manager=TaskManager(include_path=task_dir[0], include_defaults=False))
+    for r in results["rows"]:
+        assert r["value"] == ref["results"][r["task"]][r["metric"]], r
+    plain = {(r["task"], r["metric"]): r["value"] for r in evaluated[0]["rows"] if r["iteration"] == 1}
+    assert {(r["task"], r["metric"]): r["value"] for r in results["rows"]} != plain  # the template was applied
+    table = open(os.path.join(folder, "eval", "table.md")).read()
+    assert "| theta_1 |" in table and "chat template on" in table
+
+
 def test_without_matplotlib_the_tables_are_written_and_the_plot_skipped(evaluated, run_dir, task_dir, monkeypatch, capsys):
     png, table = (os.path.join(run_dir, "eval", f) for f in ("average.png", "table.md"))
     os.remove(png)
