@@ -59,6 +59,14 @@ SUITE_DIRS = ["arc", "hellaswag", "truthfulqa", "mmlu/default", "winogrande", "g
 MODEL_FILES = re.compile(r".*\.(safetensors|bin|json|model|jinja|txt|tiktoken)$")
 
 
+def count_or_fraction(text):
+    """--limit as lm-eval reads it: 20 examples, or 0.1 of each task."""
+    x = float(text)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be above 0")
+    return int(x) if x >= 1 and x.is_integer() else x
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +80,7 @@ def parse_args(argv=None):
                         "(default: the first its config lists); repeatable")
     p.add_argument("--num-fewshot", type=int, help="shots for every task, as lm-eval's flag (default: the suite's, "
                                                    "else each task's own); a task whose config says 0 stays at 0")
-    p.add_argument("--limit", type=float, help="at most this many examples per task (a fraction if < 1): a quick look, "
+    p.add_argument("--limit", type=count_or_fraction, help="at most this many examples per task (a fraction if < 1): a quick look, "
                                                "not comparable with full scores")
     p.add_argument("--apply-chat-template", action="store_true",
                    help="render prompts with each export's chat template, few-shot examples as turns (lm-eval's flag)")

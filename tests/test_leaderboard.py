@@ -10,7 +10,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -72,13 +71,15 @@ def no_environment_report():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """The smoke preset, one self-play iteration: iter_0 and iter_1 (tiny Mistral, sentencepiece + tokenizer.json)."""
-    out = tmp_path_factory.mktemp("lb") / "smoke"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "smoke", "--iterations", "1",
-                          "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return str(out)
+    import train
+    out = str(tmp_path_factory.mktemp("lb") / "smoke")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(["--preset", "smoke", "--iterations", "1", "--out", out])  # in-process: torch is imported once
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -419,6 +420,11 @@ def test_a_folder_transformers_cannot_load_is_refused(run_dir, task_dir, tmp_pat
     msg = refused([str(bad), "--tasks", "toy_mc", "--include-path", task_dir[0]], monkeypatch)
     assert f"{bad / 'iter_1' / 'model.safetensors'}" in msg and "mlp" in msg and "[96, 64]" in msg
     assert not (bad / "eval" / "cache").exists()
+
+
+def test_a_real_pretrained_folder_passes_the_check(smollm2_dir):
+    """SmolLM2-135M-Instruct: Llama architecture, tied embeddings (no lm_head tensor), tokenizer.json."""
+    leaderboard.check_folder(smollm2_dir)
 
 
 def test_without_lm_eval_the_command_names_the_pip_command(run_dir, monkeypatch):
