@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
@@ -549,7 +548,7 @@ def main(argv=None):
     for folders in runs.values():
         for _, folder in folders:
             check_folder(folder)
-    all_rows, tables = [], []
+    all_rows = []
     for run, folders in runs.items():
         hashes_path = os.path.join(run, "eval", "hashes.json")
         hashes = json.load(open(hashes_path)) if os.path.exists(hashes_path) else {}
