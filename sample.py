@@ -288,7 +288,8 @@ def main():
                         help="weights and KV cache dtype (sampling is fp32 regardless)")
     cli = parser.parse_args()
 
-    from data import Tokenizer, decode_response, render_chat  # only the command line needs these
+    from data import decode_response
+    from tokenizer import Tokenizer, render_chat  # only the command line needs these
     tok = Tokenizer(cli.tokenizer or f"{cli.model}/tokenizer.model")
     model = load_model(cli.model, dtype=getattr(torch, cli.dtype), device=cli.device)
     text = cli.prompt if cli.raw else render_chat([{"role": "user", "content": cli.prompt}], add_generation_prompt=True)

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from tqdm import tqdm
 
 import data
+from tokenizer import Tokenizer, export_tokenizer
 from checkpoint import Run, export, latest_checkpoint, load_optimizer, resume, save_checkpoint
 from model import ModelArgs, Transformer, load_model
 from parallel import (all_sum, barrier, check_shared_out, from_rank0, frozen_copy, parallelize, print0,
@@ -401,11 +402,11 @@ def load_data(cfg, rank):
             sample = data.demo_splits(cfg.data_seed + 1, n_train=3000, n_selfplay=0, n_test=0)["train"]
             data.demo_tokenizer(sample, cfg.out, cfg.vocab_size)
         barrier()
-    tok = data.Tokenizer(tok_file)
+    tok = Tokenizer(tok_file)
     if rank == 0:  # every export writes transformers' tokenizer files: find out now, not after θ_0's evaluation
         with tempfile.TemporaryDirectory() as scratch:
             try:
-                data.export_tokenizer(tok_file, scratch, source_dir=cfg.model)
+                export_tokenizer(tok_file, scratch, source_dir=cfg.model)
             except ValueError as e:
                 raise SystemExit(f"{tok_file}: its exports could not carry transformers' tokenizer files: {e}")
     return tok, tok_file, sft, selfplay, held_out

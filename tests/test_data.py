@@ -1,19 +1,18 @@
-"""Tests for data.py: the tokenizer against sentencepiece itself (under both `legacy` settings), the
-template and loss mask on the real Mistral-7B tokenizer, every kind of bad JSONL line, truncation,
-batching and the demo task. tests/test_export.py holds the comparisons with transformers."""
+"""Tests for data.py: the template and loss mask on the real Mistral-7B tokenizer, every kind of bad
+JSONL line, truncation, batching, convert and the demo task. tests/test_tokenizer.py holds the
+tokenizer's own tests and the comparisons with transformers."""
 import json
 import os
 import re
-import shutil
 import sys
 import time
 
 import mistral_common
 import pytest
-import sentencepiece as spm
 import torch
 
 import data
+from tokenizer import Tokenizer
 
 MISTRAL = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
 
@@ -28,90 +27,10 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.Tokenizer(MISTRAL)
-
-
-@pytest.fixture(scope="module")
-def sp():  # sentencepiece on its own: the independent reference
-    return spm.SentencePieceProcessor(model_file=MISTRAL)
-
-
-@pytest.fixture(scope="module")
-def tok_legacy():  # as Mistral-7B's and zephyr's transformers tokenizers are published
-    return data.Tokenizer(MISTRAL, legacy=True)
+    return Tokenizer(MISTRAL)
 
 # -----------------------------------------------------------------------------
-# the tokenizer and the template, on Mistral-7B's tokenizer
-
-
-def test_special_ids(tok, sp):
-    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 32000)
-    assert tok.pad_id == tok.eos_id  # Mistral's model has no pad piece
-    assert tok.encode("<s></s>") == [1, 2] and tok.decode([1, 2]) == "<s></s>"
-    assert sp.encode("</s>") != [2]  # the reason encode splits on the special strings itself
-
-
-@pytest.mark.parametrize("text", [
-    "The quick brown fox.", "12 + 30 = 42", "  two leading spaces and two trailing  ", " x",
-    "héllo wörld, こんにちは 🎉", "line one\nline two\n\n\ttab", "3.14159 and 1,000,000",
-])
-def test_plain_text_is_sentencepiece(tok, sp, text):
-    assert tok.encode(text) == sp.encode(text)
-    assert tok.encode(text, bos=True) == [sp.bos_id()] + sp.encode(text)
-    # a continuation has no dummy space; sentencepiece after a byte-fallback "\n" (which merges with
-    # nothing) gives the reference: "\nX" -> ["▁", "<0x0A>", tokens of X with no space before]
-    assert tok.encode(text, continuation=True) == sp.encode("\n" + text)[2:]
-
-
-@pytest.mark.parametrize("text", [
-    "<|user|>\nHi</s>\n<|assistant|>\n", "<s><|user|>\nHi</s>\n<|assistant|>\nHello</s>",
-    " leading", "trailing ", "  both  ", "</s> after eos", "a<s> b</s>c", "héllo 日本 🎉 Ω≈ç√",
-    "0123456789 9876543210", "", "\n", "</s></s>", "a<unk> b", "<unk></s> <unk>",
-])
-def test_roundtrip(tok, tok_legacy, text):
-    for t in (tok, tok_legacy):
-        assert t.decode(t.encode(text)) == text
-        assert t.decode(t.encode(text, continuation=True), continuation=True) == text
-
-
-def test_no_space_after_eos(tok, sp):
-    ids = tok.encode("<|user|>\nHi</s>\n<|assistant|>\n")
-    after = ids[ids.index(tok.eos_id) + 1:]
-    assert after == sp.encode("\n<|assistant|>\n")[1:]  # sentencepiece's own, minus only its dummy "▁"
-    assert sp.id_to_piece(after[0]) == "<0x0A>"
-
-
-def test_legacy_puts_the_dummy_space_after_every_special_token(tok, tok_legacy, sp):
-    text = "<|user|>\nHi</s>\n<|assistant|>\n</s>Yo<unk> x<s>z"
-    # legacy: each piece of text between special tokens is a sentencepiece document of its own
-    assert tok_legacy.encode(text) == (sp.encode("<|user|>\nHi") + [2] + sp.encode("\n<|assistant|>\n") + [2]
-                                       + sp.encode("Yo") + [0] + sp.encode(" x") + [1] + sp.encode("z"))
-    assert sp.id_to_piece(tok_legacy.encode("</s>\n")[1]) == "▁"
-    # without: only the start and text after <s> get the dummy space ("\n" then text, minus "▁\n": see above)
-    def cont(x):
-        return sp.encode("\n" + x)[2:]
-    assert tok.encode(text) == (sp.encode("<|user|>\nHi") + [2] + cont("\n<|assistant|>\n") + [2]
-                                + cont("Yo") + [0] + cont(" x") + [1] + sp.encode("z"))
-    # a response continues its prompt under both settings
-    assert tok_legacy.encode("Hi</s>", continuation=True) == tok.encode("Hi</s>", continuation=True) == cont("Hi") + [2]
-
-
-def test_unk_is_a_special_token(tok, sp):
-    # transformers reads "<unk>" in text as the unknown token; sentencepiece alone would spell it out
-    assert tok.encode("<unk>") == [tok.unk_id] == [0] and sp.encode("<unk>") != [0]
-    assert tok.decode([0]) == "<unk>"
-
-
-def test_legacy_is_read_beside_the_model_file(tmp_path):
-    shutil.copy(MISTRAL, tmp_path / "tokenizer.model")
-    model_file = str(tmp_path / "tokenizer.model")
-    assert not data.Tokenizer(model_file).legacy  # no transformers files: sentencepiece's rule
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": True}))
-    assert data.Tokenizer(model_file).legacy
-    assert not data.Tokenizer(model_file, legacy=False).legacy  # the argument wins
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    with pytest.raises(ValueError, match="no `legacy` setting"):
-        data.Tokenizer(model_file)
+# the template and the loss mask, on Mistral-7B's tokenizer
 
 
 def test_chat_has_bos_and_an_eos_per_turn(tok):

@@ -1,8 +1,9 @@
-"""data.py's tokenizer files against transformers itself: AutoTokenizer on an export encodes the
-template as data.py does, BOS included, under both `legacy` settings; apply_chat_template renders
-render_chat; transformers' greedy generate on an exported tiny model equals sample.generate; a
-source checkpoint's own files are copied; and data.py reads the legacy setting of transformers' own
-tokenizer files, or refuses the ones it cannot reproduce."""
+"""Tests for tokenizer.py: the sentencepiece tokenizer against sentencepiece itself (under both
+`legacy` settings), and against transformers itself: AutoTokenizer on an export encodes the template
+as tokenizer.py does, BOS included; apply_chat_template renders render_chat; transformers' greedy
+generate on an exported tiny model equals sample.generate; a source checkpoint's own files are
+copied; and the legacy setting of transformers' own tokenizer files is read, or files that cannot be
+reproduced are refused."""
 import json
 import os
 import random
@@ -13,15 +14,110 @@ import sys
 
 import mistral_common
 import pytest
+import sentencepiece as spm
 import torch
 
 import data
+import tokenizer
 from model import ModelArgs, Transformer, save_model
 from sample import generate
+from tokenizer import Tokenizer
+
+MISTRAL = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(MISTRAL)
+
+
+@pytest.fixture(scope="module")
+def sp():  # sentencepiece on its own: the independent reference
+    return spm.SentencePieceProcessor(model_file=MISTRAL)
+
+
+@pytest.fixture(scope="module")
+def tok_legacy():  # as Mistral-7B's and zephyr's transformers tokenizers are published
+    return Tokenizer(MISTRAL, legacy=True)
+
+# -----------------------------------------------------------------------------
+# the tokenizer and the template, on Mistral-7B's tokenizer
+
+
+def test_special_ids(tok, sp):
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 32000)
+    assert tok.pad_id == tok.eos_id  # Mistral's model has no pad piece
+    assert tok.encode("<s></s>") == [1, 2] and tok.decode([1, 2]) == "<s></s>"
+    assert sp.encode("</s>") != [2]  # the reason encode splits on the special strings itself
+
+
+@pytest.mark.parametrize("text", [
+    "The quick brown fox.", "12 + 30 = 42", "  two leading spaces and two trailing  ", " x",
+    "héllo wörld, こんにちは 🎉", "line one\nline two\n\n\ttab", "3.14159 and 1,000,000",
+])
+def test_plain_text_is_sentencepiece(tok, sp, text):
+    assert tok.encode(text) == sp.encode(text)
+    assert tok.encode(text, bos=True) == [sp.bos_id()] + sp.encode(text)
+    # a continuation has no dummy space; sentencepiece after a byte-fallback "\n" (which merges with
+    # nothing) gives the reference: "\nX" -> ["▁", "<0x0A>", tokens of X with no space before]
+    assert tok.encode(text, continuation=True) == sp.encode("\n" + text)[2:]
+
+
+@pytest.mark.parametrize("text", [
+    "<|user|>\nHi</s>\n<|assistant|>\n", "<s><|user|>\nHi</s>\n<|assistant|>\nHello</s>",
+    " leading", "trailing ", "  both  ", "</s> after eos", "a<s> b</s>c", "héllo 日本 🎉 Ω≈ç√",
+    "0123456789 9876543210", "", "\n", "</s></s>", "a<unk> b", "<unk></s> <unk>",
+])
+def test_roundtrip(tok, tok_legacy, text):
+    for t in (tok, tok_legacy):
+        assert t.decode(t.encode(text)) == text
+        assert t.decode(t.encode(text, continuation=True), continuation=True) == text
+
+
+def test_no_space_after_eos(tok, sp):
+    ids = tok.encode("<|user|>\nHi</s>\n<|assistant|>\n")
+    after = ids[ids.index(tok.eos_id) + 1:]
+    assert after == sp.encode("\n<|assistant|>\n")[1:]  # sentencepiece's own, minus only its dummy "▁"
+    assert sp.id_to_piece(after[0]) == "<0x0A>"
+
+
+def test_legacy_puts_the_dummy_space_after_every_special_token(tok, tok_legacy, sp):
+    text = "<|user|>\nHi</s>\n<|assistant|>\n</s>Yo<unk> x<s>z"
+    # legacy: each piece of text between special tokens is a sentencepiece document of its own
+    assert tok_legacy.encode(text) == (sp.encode("<|user|>\nHi") + [2] + sp.encode("\n<|assistant|>\n") + [2]
+                                       + sp.encode("Yo") + [0] + sp.encode(" x") + [1] + sp.encode("z"))
+    assert sp.id_to_piece(tok_legacy.encode("</s>\n")[1]) == "▁"
+    # without: only the start and text after <s> get the dummy space ("\n" then text, minus "▁\n": see above)
+    def cont(x):
+        return sp.encode("\n" + x)[2:]
+    assert tok.encode(text) == (sp.encode("<|user|>\nHi") + [2] + cont("\n<|assistant|>\n") + [2]
+                                + cont("Yo") + [0] + cont(" x") + [1] + sp.encode("z"))
+    # a response continues its prompt under both settings
+    assert tok_legacy.encode("Hi</s>", continuation=True) == tok.encode("Hi</s>", continuation=True) == cont("Hi") + [2]
+
+
+def test_unk_is_a_special_token(tok, sp):
+    # transformers reads "<unk>" in text as the unknown token; sentencepiece alone would spell it out
+    assert tok.encode("<unk>") == [tok.unk_id] == [0] and sp.encode("<unk>") != [0]
+    assert tok.decode([0]) == "<unk>"
+
+
+def test_legacy_is_read_beside_the_model_file(tmp_path):
+    shutil.copy(MISTRAL, tmp_path / "tokenizer.model")
+    model_file = str(tmp_path / "tokenizer.model")
+    assert not Tokenizer(model_file).legacy  # no transformers files: sentencepiece's rule
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": True}))
+    assert Tokenizer(model_file).legacy
+    assert not Tokenizer(model_file, legacy=False).legacy  # the argument wins
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    with pytest.raises(ValueError, match="no `legacy` setting"):
+        Tokenizer(model_file)
+
+
+# -----------------------------------------------------------------------------
+# through transformers
 
 transformers = pytest.importorskip("transformers")
 
-MISTRAL = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
 # the demo tokenizer has no byte fallback: ASCII, with "#" and "~" (not in the demo text) as <unk>
 DEMO_CHARS = "abcdefghijklmnopqrstuvwxyz WAPCRS 0123456789 +=?.: #~"
 # Mistral's has: any unicode, runs of spaces, tabs and newlines inside a turn
@@ -56,7 +152,7 @@ def export(root, tokenizer_model, config=None, model_type="mistral"):
     shutil.copy(tokenizer_model, source / "tokenizer.model")
     if config is not None:
         write_json(source / "tokenizer_config.json", config)
-    data.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
+    tokenizer.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
     write_json(out / "config.json", {"model_type": model_type})
     return out
 
@@ -82,7 +178,7 @@ def exported(tmp_path_factory, demo_model_file):
     out = {}
     for name, (model_file, config, _, _) in CASES.items():
         folder = export(tmp_path_factory.mktemp(name), model_file or demo_model_file, config)
-        out[name] = data.Tokenizer(str(folder / "tokenizer.model")), transformers.AutoTokenizer.from_pretrained(folder)
+        out[name] = Tokenizer(str(folder / "tokenizer.model")), transformers.AutoTokenizer.from_pretrained(folder)
     return out
 
 # -----------------------------------------------------------------------------
@@ -97,7 +193,7 @@ def test_tokenizer_round_trip(exported, name):
         prompt = chat[:-1]
         ids, _ = data.encode_prompt(tok, prompt, max_prompt=None)
         assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
-        assert hf(data.render_chat(prompt, add_generation_prompt=True))["input_ids"] == ids
+        assert hf(tokenizer.render_chat(prompt, add_generation_prompt=True))["input_ids"] == ids
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -127,20 +223,20 @@ def test_chat_template(exported, name):
     for chat in random_chats(1, CASES[name][2], n=30):
         prompt = chat[:-1]
         text = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        assert text == hf.bos_token + data.render_chat(prompt, add_generation_prompt=True)
+        assert text == hf.bos_token + tokenizer.render_chat(prompt, add_generation_prompt=True)
         ids = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
         assert ids == data.encode_prompt(tok, prompt, max_prompt=None)[0]  # one BOS, from the template
         # a whole conversation: render_chat's text, and the trainer's ids up to the last EOS
-        assert hf.apply_chat_template(chat, tokenize=False) == hf.bos_token + data.render_chat(chat)
+        assert hf.apply_chat_template(chat, tokenize=False) == hf.bos_token + tokenizer.render_chat(chat)
         full = hf.apply_chat_template(chat, tokenize=True, return_dict=False)
-        assert full == tok.encode(data.render_chat(chat), bos=True)
+        assert full == tok.encode(tokenizer.render_chat(chat), bos=True)
         ids, _ = data.encode_chat(tok, chat)
         assert full[:len(ids)] == ids and tok.decode(full[len(ids):]) == "\n"
 
 
 def test_greedy_generate_equals_sample(demo_model_file, tmp_path, one_thread):
     # a tiny random Mistral saved as train.py exports it: weights, then the tokenizer files
-    tok = data.Tokenizer(demo_model_file)
+    tok = Tokenizer(demo_model_file)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=176,
                      vocab_size=tok.vocab_size, sliding_window=16, max_seq_len=256)
     model = Transformer(args).init_weights(0, std=0.2).eval()  # logits spread out: no near-ties in argmax
@@ -157,7 +253,7 @@ def test_greedy_generate_equals_sample(demo_model_file, tmp_path, one_thread):
     assert ours[-1] == tok.eos_id and len(ours) <= n // 2 + 1 and len(set(ours)) > 3
 
     save_model(model, tmp_path)
-    data.export_tokenizer(demo_model_file, str(tmp_path))
+    tokenizer.export_tokenizer(demo_model_file, str(tmp_path))
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = hf_tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt")
@@ -172,14 +268,14 @@ def test_greedy_generate_equals_sample(demo_model_file, tmp_path, one_thread):
 
 def test_export_files(exported, tmp_path):
     out = tmp_path / "export"
-    data.export_tokenizer(MISTRAL, str(out), model_max_length=2048)
-    assert sorted(os.listdir(out)) == sorted(data.TOKENIZER_FILES)
+    tokenizer.export_tokenizer(MISTRAL, str(out), model_max_length=2048)
+    assert sorted(os.listdir(out)) == sorted(tokenizer.TOKENIZER_FILES)
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert (config["tokenizer_class"], config["bos_token"], config["eos_token"], config["unk_token"]) == \
         ("LlamaTokenizer", "<s>", "</s>", "<unk>")
     assert (config["add_bos_token"], config["add_eos_token"], config["legacy"], config["model_max_length"]) == \
         (True, False, False, 2048)
-    assert config["chat_template"] == data.CHAT_TEMPLATE
+    assert config["chat_template"] == tokenizer.CHAT_TEMPLATE
     assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
     assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "</s>"
     with open(out / "tokenizer.model", "rb") as a, open(MISTRAL, "rb") as b:
@@ -216,22 +312,22 @@ def test_source_files_are_copied(demo_model_file, tmp_path):
     }
     for name, text in files.items():
         (source / name).write_text(text)
-    data.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source), model_max_length=99)
+    tokenizer.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source), model_max_length=99)
     for name in ("special_tokens_map.json", "generation_config.json", "tokenizer.model"):
         assert (out / name).read_bytes() == (source / name).read_bytes()
     # a tokenizer_config.json without a chat template gains ours, and keeps everything else
     assert json.loads((out / "tokenizer_config.json").read_text()) == \
-        {**json.loads(files["tokenizer_config.json"]), "chat_template": data.CHAT_TEMPLATE}
+        {**json.loads(files["tokenizer_config.json"]), "chat_template": tokenizer.CHAT_TEMPLATE}
     assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"  # the missing one is written
 
     # one with its own template (zephyr's) is copied unchanged, like the rest
     (source / "tokenizer_config.json").write_text('{"legacy": false, "chat_template": "{{ messages }}"}')
-    data.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
+    tokenizer.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
     assert (out / "tokenizer_config.json").read_bytes() == (source / "tokenizer_config.json").read_bytes()
     # so is one whose template sits in chat_template.jinja, as newer transformers save it
     (source / "tokenizer_config.json").write_text('{"legacy": false}')
     (source / "chat_template.jinja").write_text("{{ messages }}")
-    data.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
+    tokenizer.export_tokenizer(str(source / "tokenizer.model"), str(out), source_dir=str(source))
     for name in ("tokenizer_config.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (source / name).read_bytes()
 
@@ -241,7 +337,7 @@ def test_source_with_another_tokenizer_is_ignored(demo_model_file, tmp_path):
     source.mkdir()
     shutil.copy(MISTRAL, source / "tokenizer.model")  # not the tokenizer the model was trained with
     (source / "generation_config.json").write_text('{"eos_token_id": 7}')
-    data.export_tokenizer(demo_model_file, str(out), source_dir=str(source))
+    tokenizer.export_tokenizer(demo_model_file, str(out), source_dir=str(source))
     assert (out / "tokenizer.model").read_bytes() == open(demo_model_file, "rb").read()
     assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
 
@@ -253,7 +349,7 @@ def test_source_with_another_legacy_setting_is_refused(tmp_path):
         shutil.copy(MISTRAL, folder / "tokenizer.model")
         write_json(folder / "tokenizer_config.json", {"legacy": legacy})
     with pytest.raises(ValueError, match="legacy=True.*legacy=False"):
-        data.export_tokenizer(str(trained / "tokenizer.model"), str(tmp_path / "out"), source_dir=str(source))
+        tokenizer.export_tokenizer(str(trained / "tokenizer.model"), str(tmp_path / "out"), source_dir=str(source))
 
 # -----------------------------------------------------------------------------
 # reading the legacy setting from transformers' own files
@@ -274,15 +370,15 @@ def test_legacy_of_transformers_own_tokenizer(tmp_path, legacy):
     hf.save_pretrained(saved)
     shutil.copy(MISTRAL, saved / "tokenizer.model")
     assert json.loads((saved / "tokenizer.json").read_text())["pre_tokenizer"]["type"] == "Metaspace"
-    tok = data.Tokenizer(str(saved / "tokenizer.model"))
-    assert tok.legacy == legacy and data.Tokenizer(str(source / "tokenizer.model")).legacy == legacy
+    tok = Tokenizer(str(saved / "tokenizer.model"))
+    assert tok.legacy == legacy and Tokenizer(str(source / "tokenizer.model")).legacy == legacy
     # single spaces: transformers 5 orders the merges it converts by id, not by score as sentencepiece
     # does, and so splits a run of spaces in its own way ("▁▁" + "x" for sentencepiece's "▁" + "▁x")
     for chat in random_chats(2, MISTRAL_CHARS.replace("  ", " "), n=40):
         prompt = chat[:-1]
         for m in prompt:
             m["content"] = re.sub(" +", " ", m["content"])
-        assert hf(data.render_chat(prompt, add_generation_prompt=True))["input_ids"] == \
+        assert hf(tokenizer.render_chat(prompt, add_generation_prompt=True))["input_ids"] == \
             data.encode_prompt(tok, prompt, max_prompt=None)[0]
 
 
@@ -300,8 +396,8 @@ def test_transformers_files_that_are_refused(exported, tmp_path):
             write_json(path / "tokenizer.json", tokenizer_json)
         return str(path / "tokenizer.model")
 
-    assert data.Tokenizer(folder({"legacy": True}, spec)).legacy
-    assert not data.Tokenizer(folder({"legacy": True}, spec), legacy=False).legacy  # the argument wins
+    assert Tokenizer(folder({"legacy": True}, spec)).legacy
+    assert not Tokenizer(folder({"legacy": True}, spec), legacy=False).legacy  # the argument wins
     cases = [
         (folder({}), "no `legacy` setting"),
         (folder({"legacy": True, "add_bos_token": False}), "add_bos_token is false"),
@@ -316,4 +412,4 @@ def test_transformers_files_that_are_refused(exported, tmp_path):
     ]
     for model_file, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
-            data.Tokenizer(model_file)
+            Tokenizer(model_file)
