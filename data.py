@@ -28,10 +28,10 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from tokenizer import BOS, EOS, Tokenizer, render_chat
+from tokenizer import BOS, EOS, ZEPHYR_TEMPLATE, Tokenizer, parse_template_args, render_template
 
 # -----------------------------------------------------------------------------
-# the rule that turns a chat into tokens
+# the rule that turns a chat into tokens, as TRL's trainers make them for a prompt and a completion
 
 
 def split_chat(messages):
@@ -41,48 +41,77 @@ def split_chat(messages):
     return messages[:-1], messages[-1]["content"]
 
 
-def encode_prompt(tokenizer, prompt_messages, max_prompt=512):
-    """(ids, truncated): BOS + the rendered prompt ending with "<|assistant|>\\n", at most max_prompt ids.
+def encode_prompt(tok, prompt_messages, max_prompt=512):
+    """(ids, truncated): the prompt rendered in the chat template with its generation prompt, encoded
+    with the tokenizer's own special tokens (its BOS where it adds one, never two), at most max_prompt ids.
 
-    SPIN keeps the last max_prompt tokens (the question sits at the end of a long conversation). SPIN
-    has no BOS at all; here every sequence starts with BOS, as in Mistral's pretraining, so a long
-    prompt keeps BOS plus its last max_prompt - 1 tokens. The cap depends on the prompt alone, so
+    SPIN keeps the last max_prompt tokens (the question sits at the end of a long conversation), and
+    no BOS at all; here a BOS that the tokenizer puts first stays first, as in pretraining, so a long
+    prompt keeps it plus its last max_prompt - 1 tokens. The cap depends on the prompt alone, so
     generation sees exactly the prompt that training and scoring see."""
-    ids = tokenizer.encode(render_chat(prompt_messages, add_generation_prompt=True), bos=True)
+    ids = tok.encode(tok.render(prompt_messages, add_generation_prompt=True), bos=True)
     if max_prompt is None or len(ids) <= max_prompt:
         return ids, False
-    return [tokenizer.bos_id] + ids[len(ids) - (max_prompt - 1):], True
+    head = ids[:1] if tok.bos_id is not None and tok.encode("", bos=True)[:1] == ids[:1] == [tok.bos_id] else []
+    return head + ids[len(ids) - (max_prompt - len(head)):], True
 
 
-def encode_example(tokenizer, prompt_messages, response, max_prompt=512, max_length=1024):
-    """(ids, loss_mask, truncated): the prompt, then response + EOS; the mask is 1 on the response and its EOS.
+def response_text(tok, prompt_messages, response):
+    """The response as the template writes it: the whole chat's rendering with the prompt's rendering
+    (generation prompt included) cut off its front. A template that renders the prompt otherwise in
+    the whole chat (some reasoning templates rewrite earlier turns) has no such text: refused."""
+    prompt = tok.render(prompt_messages, add_generation_prompt=True)
+    chat = tok.render(prompt_messages + [{"role": "assistant", "content": response}])
+    if not chat.startswith(prompt):
+        raise ValueError(f"{tok.template_name}: the chat template's generation prompt is not the start of the "
+                         "whole chat's rendering, so the response's tokens cannot be told apart from the "
+                         "prompt's (pass --chat-template FILE with a template that keeps earlier turns as they are)")
+    return chat[len(prompt):]
 
-    The response continues the prompt's "<|assistant|>\\n", so it is encoded as a continuation (no dummy
-    space); the sequence ends with the EOS, where generation stops, with no "\\n" after it. A response
-    longer than max_length - len(prompt) is cut there and loses its EOS, as in SPIN."""
+
+def encode_response(tok, prompt_messages, response):
+    """The response's ids: response_text with no special tokens added, up to and including the first
+    end-of-turn token, where generation stops; what the template writes after it (a newline) is
+    neither trained nor scored. It continues the prompt: no sentencepiece dummy space in front."""
+    ids = tok.encode(response_text(tok, prompt_messages, response), continuation=True)
+    end = next((k for k, i in enumerate(ids) if i in tok.end_of_turn_ids), None)
+    return ids if end is None else ids[:end + 1]
+
+
+def encode_example(tok, prompt_messages, response, max_prompt=512, max_length=1024):
+    """(ids, loss_mask, truncated): the prompt's ids, then the response's; the mask is 1 on the
+    response, its end-of-turn token included. A response longer than max_length - len(prompt) is cut
+    there and loses its end-of-turn token, as in SPIN. SFT, scoring, self-play training and
+    evaluation all encode through here, so they all see the same tokens."""
     if max_prompt is not None and max_length is not None and not 1 < max_prompt < max_length:
         raise ValueError(f"need 1 < max_prompt < max_length, got {max_prompt} and {max_length}")
-    prompt, truncated = encode_prompt(tokenizer, prompt_messages, max_prompt)
-    reply = tokenizer.encode(response + EOS, continuation=True)
+    prompt, truncated = encode_prompt(tok, prompt_messages, max_prompt)
+    reply = encode_response(tok, prompt_messages, response)
     if max_length is not None and len(prompt) + len(reply) > max_length:
         reply, truncated = reply[:max_length - len(prompt)], True
     return prompt + reply, [0] * len(prompt) + [1] * len(reply), truncated
 
 
-def encode_chat(tokenizer, messages):
+def encode_chat(tok, messages):
     """(ids, loss_mask) of a whole conversation, untruncated: the loss is on its last assistant turn.
     The same thing as encode_example (use that one to apply length limits)."""
-    ids, loss_mask, _ = encode_example(tokenizer, *split_chat(messages), max_prompt=None, max_length=None)
+    ids, loss_mask, _ = encode_example(tok, *split_chat(messages), max_prompt=None, max_length=None)
     return ids, loss_mask
 
 
-def decode_response(tokenizer, ids):
-    """The text of generated response ids: everything before the first EOS, decoded as a continuation,
-    so encode_example re-encodes it to the same ids whenever the model chose sentencepiece's own split."""
+def decode_response(tok, ids):
+    """The text of generated response ids: everything before the first end-of-turn token, decoded as a
+    continuation. encode_response re-encodes it to the same ids, unless the model chose a split the
+    tokenizer would not make, or stopped inside a character."""
     ids = [int(i) for i in ids]
-    if tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids, continuation=True)
+    end = next((k for k, i in enumerate(ids) if i in tok.end_of_turn_ids), len(ids))
+    return tok.decode(ids[:end], continuation=True)
+
+
+def check_template(tok, chats):
+    """Raise before any work if the template cannot split a chat into prompt and response (response_text)."""
+    for chat in chats:
+        response_text(tok, *split_chat(chat["messages"]))
 
 
 # -----------------------------------------------------------------------------
@@ -332,7 +361,8 @@ def demo_tokenizer(chats, out_dir, vocab_size=320):
     follows a "\\n".
     Single-threaded on an ordered input, training is deterministic: the same chats give the same
     file, in well under a second."""
-    texts = [render_chat(chat["messages"]).replace(EOS, "") for chat in chats]  # EOS is a control symbol, not text
+    # the template's text without <s> and </s>, which are control symbols, not text
+    texts = [render_template(ZEPHYR_TEMPLATE, chat["messages"], bos_token="", eos_token="") for chat in chats]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
@@ -534,7 +564,7 @@ def _stats(xs):
     return f"min {min(xs)}, mean {sum(xs) / len(xs):.1f}, max {max(xs)}" if xs else "none"
 
 
-def check(path, tokenizer_file=None, max_prompt=512, max_length=1024):
+def check(path, tok=None, max_prompt=512, max_length=1024):
     """Validate a chat or self-play JSONL file (told apart by its first line) and print its statistics."""
     with open(path, "rb") as f:
         first = next((line for line in f if line.strip()), b"")
@@ -548,23 +578,24 @@ def check(path, tokenizer_file=None, max_prompt=512, max_length=1024):
     else:
         turns = sum(len(r["messages"]) for r in records)
         print(f"{path}: {len(records)} chats, {turns} turns")
-    if tokenizer_file is None:
+    if tok is None:
         return
-    tokenizer = Tokenizer(tokenizer_file)
+    check_template(tok, [{"messages": r["messages"] + [{"role": "assistant", "content": r["real"]}]} for r in records]
+                   if selfplay else records)
     prompt_lens, real_lens, gen_lens, total, truncated = [], [], [], 0, 0
     for r in tqdm(records, desc="encoding", leave=False):
         prompt, real = (r["messages"], r["real"]) if selfplay else split_chat(r["messages"])
         for i, response in enumerate([real] + (r["generated"] if selfplay else [])):
-            ids, loss_mask, cut = encode_example(tokenizer, prompt, response, max_prompt, max_length)
+            ids, loss_mask, cut = encode_example(tok, prompt, response, max_prompt, max_length)
             (gen_lens if i else real_lens).append(sum(loss_mask))
             total, truncated = total + len(ids), truncated + cut
         prompt_lens.append(len(ids) - sum(loss_mask))
     print(f"tokens: {total} in {len(real_lens) + len(gen_lens)} sequences, "
           f"{truncated} truncated (max prompt {max_prompt}, max length {max_length})")
     print(f"prompt tokens: {_stats(prompt_lens)}")
-    print(f"real response tokens (with EOS): {_stats(real_lens)}")
+    print(f"real response tokens (with the end-of-turn token): {_stats(real_lens)}")
     if selfplay:
-        print(f"generated response tokens (with EOS): {_stats(gen_lens)}")
+        print(f"generated response tokens (with the end-of-turn token): {_stats(gen_lens)}")
 
 
 def main(argv=None):
@@ -573,7 +604,11 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("check", help="validate a chat or self-play JSONL file and print its statistics")
     p.add_argument("file", help="chat JSONL ({'messages': [...]} a line) or self-play JSONL")
-    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model; with it, token counts and truncation are printed")
+    p.add_argument("--tokenizer", help="a checkpoint folder, or its tokenizer.model or tokenizer.json; with it, token "
+                                       "counts and truncation are printed, the ids made as train.py makes them")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template instead of the checkpoint's own")
+    p.add_argument("--chat-template-arg", metavar="KEY=VALUE", action="append", default=[],
+                   help="a variable for the template, VALUE read as JSON where it parses (enable_thinking=false)")
     p.add_argument("--max-prompt", type=int, default=512, help="prompt tokens kept (BOS and the last ones), as in training")
     p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens kept, as in training")
     p = commands.add_parser("demo", help="write the demo task as chat JSONL plus its tokenizer")
@@ -608,8 +643,10 @@ def main(argv=None):
             print(f"{args.input}: no record became a chat; is --from {args.layout} its layout?", file=sys.stderr)
         return 0 if written else 1
     try:
-        check(args.file, args.tokenizer, args.max_prompt, args.max_length)
-    except (ValueError, OSError) as e:  # a bad line (named path:line) or a missing file: exit 1
+        tok = None if args.tokenizer is None else Tokenizer(
+            args.tokenizer, args.chat_template, parse_template_args(args.chat_template_arg, "--chat-template-arg"))
+        check(args.file, tok, args.max_prompt, args.max_length)
+    except (ValueError, OSError, ImportError) as e:  # a bad line (named path:line) or a missing file: exit 1
         print(e, file=sys.stderr)
         return 1
     return 0

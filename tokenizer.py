@@ -1,11 +1,26 @@
 """
-A checkpoint's tokenizer, its chat template, and the tokenizer files of an export. No torch, no numpy:
-sample.py's command line and data.py's checks load it without them.
+A checkpoint's tokenizer and its chat template, used as transformers uses them, and the tokenizer
+files of an export. No torch, no numpy: sample.py's command line and data.py's checks load it alone.
 
-    from tokenizer import Tokenizer
-    tok = Tokenizer("zephyr-7b-sft-full/tokenizer.model")
-    ids = tok.encode(render_chat(messages, add_generation_prompt=True), bos=True)
+    tok = Tokenizer("SmolLM2-135M-Instruct")            # a folder, or its tokenizer.model / tokenizer.json
+    text = tok.render(messages, add_generation_prompt=True)   # the checkpoint's own template (jinja2)
+    ids = tok.encode(text, bos=True)                    # its special-token rule: BOS where it adds one
+    tok.end_of_turn_ids                                 # where generation stops
+
+Which file tokenizes: a folder with a tokenizer.model is read with sentencepiece (Mistral-7B, zephyr,
+Llama 2 and the demo), even where a tokenizer.json sits beside it: the tokenizer.json of those
+checkpoints is a conversion of the same model, which this file reads only to find the `legacy`
+setting and refuses where it would encode differently (so the ids are transformers' either way),
+and the papers' checkpoints then need none of the optional packages. A folder with only a
+tokenizer.json (Qwen2.5 and Qwen3, Llama 3.x, SmolLM2: byte-level BPE) is read with Hugging Face's
+`tokenizers`, imported only then.
+
+The template: `--chat-template FILE`, else the checkpoint's own (chat_template.jinja, else
+tokenizer_config.json's chat_template, as transformers picks), else zephyr's (SPIN's). It is rendered
+as transformers' apply_chat_template renders it; data.py turns the text into ids and a loss mask.
 """
+import datetime
+import functools
 import json
 import os
 import re
@@ -16,7 +31,7 @@ import sentencepiece as spm
 # -----------------------------------------------------------------------------
 # the tokenizer
 
-BOS, EOS, UNK = "<s>", "</s>", "<unk>"  # how text writes the special tokens (Mistral's piece names)
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"  # how text writes sentencepiece's special tokens (Mistral's piece names)
 _SPECIAL = re.compile("(<s>|</s>|<unk>)")
 
 # The serialized model plus these four bytes is the same model with add_dummy_prefix = false.
@@ -27,51 +42,120 @@ _NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
 
 
 class Tokenizer:
-    """sentencepiece, plus the special tokens that the chat template writes as text.
+    """A checkpoint's tokenizer (sentencepiece, or `tokenizers` for a tokenizer.json-only folder) and
+    its chat template.
 
-    The trap: sentencepiece with add_dummy_prefix (Mistral's model has it) encodes every string as
-    if it began with a space, "Hi" -> "▁Hi". Text is encoded piece by piece between the special
-    tokens, so which pieces get that dummy space is a choice, and transformers' Llama tokenizers make
-    it with the `legacy` flag of a checkpoint's tokenizer_config.json:
+    path: a checkpoint folder, or a tokenizer.model / tokenizer.json file (the transformers files
+    beside it are read). chat_template: a Jinja file that replaces the checkpoint's template.
+    template_args: more variables for the template (Qwen3's enable_thinking). date: what the
+    template's strftime_now reads (default: now, once), so a run renders the same text every time.
+
+    The sentencepiece trap: with add_dummy_prefix (Mistral's model has it) sentencepiece encodes every
+    string as if it began with a space, "Hi" -> "▁Hi". Text is encoded piece by piece between the
+    special tokens, so which pieces get that dummy space is a choice, and transformers' Llama
+    tokenizers make it with the `legacy` flag of a checkpoint's tokenizer_config.json:
     - legacy=False, sentencepiece's own rule: text at the start of a document (the start, or right
       after <s>) gets the dummy space; text that continues (after </s>, or a response after its
       prompt: continuation=True) gets none.
     - legacy=True, as Mistral-7B's and zephyr's tokenizers are published: text after any special
       token gets it too, so "</s>\\n" is "</s>", "▁", "<0x0A>".
-    A model must see the ids it was trained on, so Tokenizer(path) follows the transformers files
-    beside path (tokenizer.json, tokenizer_config.json: see _legacy_setting), and raises where they
-    ask for what it cannot reproduce; with none there it uses sentencepiece's rule; legacy=True/False
+    A model must see the ids it was trained on, so the transformers files beside the model decide
+    (tokenizer.json, tokenizer_config.json: see _legacy_setting), and files that ask for what this
+    class cannot reproduce are refused; with none there it uses sentencepiece's rule; legacy=True/False
     overrides both. decode mirrors encode, so decode(encode(x)) == x and
-    decode(encode(x, continuation=True), continuation=True) == x.
+    decode(encode(x, continuation=True), continuation=True) == x. A tokenizer.json has no such
+    choice: `tokenizers` encodes it as transformers does, and continuation changes nothing.
     """
 
-    def __init__(self, model_file, legacy=None):
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
-        self.sp_continue = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
-        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
-        self.special = {BOS: self.bos_id, EOS: self.eos_id, UNK: self.unk_id}  # as transformers reads them in text
-        if any(i < 0 or self.sp.id_to_piece(i) != s for s, i in self.special.items()):
-            raise ValueError(f"{model_file}: the tokenizer needs the pieces {UNK}, {BOS} and {EOS}")
-        # Mistral's model has no pad piece. Padding sits after the real tokens (right padding under a
-        # causal mask) and is masked out of every loss, so any id would do: we use EOS.
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
-        self.vocab_size = self.sp.vocab_size()
-        self.legacy = _legacy_setting(self, os.path.dirname(os.path.abspath(model_file))) if legacy is None else legacy
+    def __init__(self, path, chat_template=None, template_args=None, date=None, legacy=None):
+        if os.path.isdir(path):
+            folder = path
+            file = next((os.path.join(path, f) for f in ("tokenizer.model", "tokenizer.json")
+                         if os.path.exists(os.path.join(path, f))), None)
+            if file is None:
+                raise FileNotFoundError(f"{path}: a folder with neither a tokenizer.json nor a tokenizer.model")
+        elif os.path.isfile(path):
+            folder, file = os.path.dirname(os.path.abspath(path)), path
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        self.file, self.folder = file, folder
+        config = _read_json(os.path.join(folder, "special_tokens_map.json")) or {}
+        config.update(_read_json(os.path.join(folder, "tokenizer_config.json")) or {})
+        self.sp = self.hf = None
+        if not file.endswith(".json"):
+            self.sp = spm.SentencePieceProcessor(model_file=file)
+            self.sp_continue = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
+            self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+            self.special = {BOS: self.bos_id, EOS: self.eos_id, UNK: self.unk_id}  # as transformers reads them in text
+            if any(i < 0 or self.sp.id_to_piece(i) != s for s, i in self.special.items()):
+                raise ValueError(f"{file}: the tokenizer needs the pieces {UNK}, {BOS} and {EOS}")
+            # Mistral's model has no pad piece. Padding sits after the real tokens (right padding under a
+            # causal mask) and is masked out of every loss, so any id would do: we use EOS.
+            self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+            self.vocab_size = self.sp.vocab_size()
+            self.legacy = _legacy_setting(self, folder) if legacy is None else legacy
+            self.tokens = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+        else:
+            self._init_tokenizers(file, config)
+        self._init_template(folder, chat_template, template_args, date)
+
+    def _init_tokenizers(self, file, config):
+        """A tokenizer.json, through the `tokenizers` library, with the special tokens tokenizer_config.json names."""
+        try:
+            import tokenizers
+        except ImportError:
+            raise ImportError(f"{file}: a tokenizer.json is read with Hugging Face's tokenizers library, which is "
+                              "not installed: pip install tokenizers") from None
+        self.hf = tokenizers.Tokenizer.from_file(file)
+        self.legacy = None
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self.special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        self.tokens = {}  # the template's bos_token, eos_token, ...: transformers' special_tokens_map
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            token = config.get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None:
+                if self.hf.token_to_id(token) is None:
+                    raise ValueError(f"{os.path.join(self.folder, 'tokenizer_config.json')}: {name} {token!r} is "
+                                     f"not a token of {file}")
+                self.tokens[name] = token
+        ids = {name: self.hf.token_to_id(t) for name, t in self.tokens.items()}
+        self.bos_id, self.eos_id, self.unk_id = ids.get("bos_token"), ids.get("eos_token"), ids.get("unk_token")
+        if self.eos_id is None:
+            raise ValueError(f"{self.folder}: tokenizer_config.json names no eos_token, where generation stops")
+        self.pad_id = ids.get("pad_token", self.eos_id)  # no pad token: EOS, masked out like any padding
+        # transformers' special-token rule: tokenizer.json's post-processor, unless tokenizer_config.json
+        # sets add_bos_token or add_eos_token, which then decide alone
+        if "add_bos_token" in config or "add_eos_token" in config or self.hf.post_processor is None:
+            bos = [self.tokens["bos_token"]] if config.get("add_bos_token") and self.bos_id is not None else []
+            eos = [self.tokens["eos_token"]] if config.get("add_eos_token") else []
+            self.hf.post_processor = tokenizers.processors.TemplateProcessing(
+                single=" ".join([f"{t}:0" for t in bos] + ["$A:0"] + [f"{t}:0" for t in eos]),
+                special_tokens=[(t, self.hf.token_to_id(t)) for t in bos + eos])
 
     def encode(self, text, bos=False, continuation=False):
-        """Token ids of text; "<s>", "</s>" and "<unk>" inside it become their ids."""
-        ids = [self.bos_id] if bos else []
-        at_start = not continuation
-        for part in _SPECIAL.split(text):  # text, special, text, special, ..., text
-            if part in self.special:
-                ids.append(self.special[part])
-                at_start = part == BOS or self.legacy
-            elif part:
-                ids.extend((self.sp if at_start else self.sp_continue).encode(part))
+        """Token ids of text; special tokens written in it become their ids. bos=True: with the
+        tokenizer's own special tokens (BOS where it adds one), never two BOS where the text starts
+        with one (a template that writes bos_token itself)."""
+        if self.hf is not None:
+            ids = self.hf.encode(text, add_special_tokens=bos).ids
+        else:
+            ids = [self.bos_id] if bos else []
+            at_start = not continuation
+            for part in _SPECIAL.split(text):  # text, special, text, special, ..., text
+                if part in self.special:
+                    ids.append(self.special[part])
+                    at_start = part == BOS or self.legacy
+                elif part:
+                    ids.extend((self.sp if at_start else self.sp_continue).encode(part))
+        if bos and self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
+            ids = ids[1:]
         return ids
 
     def decode(self, ids, continuation=False):
         """Text of ids, the inverse of encode with the same continuation flag; special ids come back as text."""
+        if self.hf is not None:
+            return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
         text_of = {i: s for s, i in self.special.items()}
         out, run, at_start = [], [], not continuation
         for i in [int(i) for i in ids] + [None]:  # None flushes the last run of ordinary tokens
@@ -86,23 +170,126 @@ class Tokenizer:
                 run.append(i)
         return "".join(out)
 
+    # -------------------------------------------------------------------------
+    # the chat template
+
+    def _init_template(self, folder, chat_template, template_args, date):
+        """The template and its name (for errors), its variables, and the ids that end a turn."""
+        if chat_template is not None:
+            with open(chat_template, encoding="utf-8") as f:
+                self.template, self.template_name = f.read(), chat_template
+        elif _own_template(folder)[0] is not None:
+            self.template, self.template_name = _own_template(folder)
+        else:  # zephyr's, with BOS written first where the tokenizer adds one (so apply_chat_template's ids are ours)
+            adds_bos = self.bos_id is not None and self.encode("", bos=True)[:1] == [self.bos_id]
+            self.template = ZEPHYR_TEMPLATE if adds_bos else ZEPHYR_TEMPLATE.removeprefix("{{ bos_token }}")
+            self.template_name = f"zephyr's template (built in; {folder} has none)"
+        self.template_args = dict(template_args or {})
+        self.date = date or datetime.datetime.now()
+        # where generation stops: the tokenizer's EOS, every eos_token_id of generation_config.json
+        # (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>), and the special token that the template
+        # writes right after an assistant turn's text
+        stop = (_read_json(os.path.join(folder, "generation_config.json")) or {}).get("eos_token_id")
+        stop = {self.eos_id} | set(stop if isinstance(stop, list) else [] if stop is None else [stop])
+        marker = "\x00reply\x00"
+        after = self.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}])
+        first = self.encode(after.split(marker, 1)[-1])[:1]
+        self.end_of_turn_ids = frozenset(stop | {i for i in first if i in self.special.values()})
+
+    def render(self, messages, add_generation_prompt=False):
+        """The chat as text in the template, as transformers' apply_chat_template(tokenize=False) writes it."""
+        try:
+            return render_template(self.template, messages, add_generation_prompt, self.date,
+                                   **self.tokens, **self.template_args)
+        except Exception as e:  # jinja2's errors and the template's own raise_exception
+            raise ValueError(f"{self.template_name}: {type(e).__name__}: {e}") from None
+
+
+def parse_template_args(pairs, flag="--chat-template-arg"):
+    """["enable_thinking=false", "name=x"] -> {"enable_thinking": False, "name": "x"}: a VALUE is read as
+    JSON where it parses (false, 3, "x", [1, 2]), else taken as the string."""
+    args = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.isidentifier():
+            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE with KEY a template variable name")
+        try:
+            args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key] = value
+    return args
+
+
+def _own_template(folder):
+    """(template, where it was found) of a checkpoint folder, or (None, None): chat_template.jinja first,
+    as transformers picks, else tokenizer_config.json's chat_template (of several named ones, "default")."""
+    jinja, config = os.path.join(folder, "chat_template.jinja"), os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read(), jinja
+    own = (_read_json(config) or {}).get("chat_template")
+    if isinstance(own, list):
+        own = next((t["template"] for t in own if t.get("name") == "default"), None)
+    return (own, f"{config}: chat_template") if isinstance(own, str) else (None, None)
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
 # -----------------------------------------------------------------------------
-# the chat template (zephyr's, as SPIN uses it) and the rule that turns a chat into tokens
+# rendering a chat template as transformers does (its chat_template_utils): a sandboxed jinja2
+# environment, trim_blocks and lstrip_blocks, the loopcontrols extension, and the same helpers.
+
+# SPIN's zephyr template; eos_token where zephyr writes </s>. It writes bos_token first, as Llama-family
+# templates do, because apply_chat_template tokenizes without adding special tokens; Tokenizer drops
+# it for a tokenizer that adds no BOS.
+ZEPHYR_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                   "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
-def render_chat(messages, add_generation_prompt=False):
-    """The zephyr template: "<|role|>\\n{content}</s>\\n" per turn; a prompt ends with "<|assistant|>\\n".
-    No BOS in the text: the encoders prepend its id."""
-    text = "".join(f"<|{m['role']}|>\n{m['content']}{EOS}\n" for m in messages)
-    return text + "<|assistant|>\n" if add_generation_prompt else text
+def render_template(template, messages, add_generation_prompt=False, date=None, **variables):
+    """template (Jinja source) rendered for messages; variables: bos_token, eos_token, ... and template
+    arguments. strftime_now reads date (default: now) instead of the clock."""
+    date = date or datetime.datetime.now()
+    return _compile(template).render(messages=messages, tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt,
+                                     strftime_now=date.strftime, **variables)
 
 
-# render_chat in Jinja, for transformers' apply_chat_template, vLLM's chat endpoint and lm-eval's
-# --apply_chat_template. It writes bos_token first, as Llama-family templates do, since those
-# tokenize the rendered text without adding special tokens: the ids are then encode_prompt's.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
-                 "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+@functools.lru_cache(maxsize=16)
+def _compile(template):
+    import jinja2  # comes with torch; only a template needs it
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """{% generation %}...{% endgeneration %}: transformers marks the assistant's text with it
+        (for its assistant-token mask); the text renders unchanged."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja2's own tojson escapes HTML characters; transformers' writes plain JSON
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
 
 # -----------------------------------------------------------------------------
 # transformers' tokenizer files. Those a checkpoint comes with decide `legacy`; every export carries
@@ -112,54 +299,65 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "generation_config.json")
 
 
-def export_tokenizer(tokenizer_file, out_dir, source_dir=None, model_max_length=None):
-    """Write transformers' tokenizer files (TOKENIZER_FILES) into out_dir, beside an exported checkpoint.
+def export_tokenizer(tok, out_dir, source_dir=None, model_max_length=None):
+    """Write transformers' tokenizer files into out_dir, beside an exported checkpoint: tokenizer.model
+    (sentencepiece only), tokenizer.json, tokenizer_config.json with the chat template that training
+    used, special_tokens_map.json, generation_config.json with every end-of-turn id.
 
-    With source_dir (the checkpoint that training started from) holding the same tokenizer.model,
-    its own files are copied unchanged (and its chat_template.jinja, if any) and only the missing
-    ones are written, except that a source without a chat template gets ours in its
-    tokenizer_config.json: the exported model was trained in it. Written files describe
-    Tokenizer(tokenizer_file), its legacy setting included. tokenizer.json is always there, so that
-    transformers need not convert tokenizer.model, which takes sentencepiece and protobuf (and
-    transformers 5 loses the dummy space doing it for model_type mistral). model_max_length: the
-    longest sequence the model takes; None writes transformers' "no limit", as Mistral-7B's does."""
-    tok = Tokenizer(tokenizer_file)
-    source = None
-    if source_dir is not None and os.path.exists(os.path.join(source_dir, "tokenizer.model")):
-        with open(tokenizer_file, "rb") as a, open(os.path.join(source_dir, "tokenizer.model"), "rb") as b:
+    The files of source_dir (the checkpoint that training started from; default the folder tok was
+    read from) are copied unchanged where it holds the same tokenizer file (and its
+    chat_template.jinja, if any), and only the missing ones are written; except that where training
+    used another template (a --chat-template file, or zephyr's for a source with none), the export's
+    tokenizer_config.json carries that one and no chat_template.jinja overrides it. tokenizer.json is
+    always there, so that transformers need not convert tokenizer.model, which takes sentencepiece and
+    protobuf (and transformers 5 loses the dummy space doing it for model_type mistral).
+    model_max_length: the longest sequence the model takes; None writes transformers' "no limit", as
+    Mistral-7B's does."""
+    name_of_file = "tokenizer.json" if tok.hf is not None else "tokenizer.model"
+    source = source_dir if source_dir is not None else tok.folder
+    if not os.path.exists(os.path.join(source, name_of_file)):
+        source = None
+    else:
+        with open(tok.file, "rb") as a, open(os.path.join(source, name_of_file), "rb") as b:
             same = a.read() == b.read()  # if not, the source's files describe another tokenizer: ignore them
-        if same and Tokenizer(os.path.join(source_dir, "tokenizer.model")).legacy != tok.legacy:
-            raise ValueError(f"{source_dir}: its tokenizer files ask for legacy={not tok.legacy}, "
-                             f"but {tokenizer_file} was read with legacy={tok.legacy}")
-        source = source_dir if same else None
-    pad = tok.sp.id_to_piece(tok.pad_id)
+        if same and tok.sp is not None and Tokenizer(os.path.join(source, name_of_file)).legacy != tok.legacy:
+            raise ValueError(f"{source}: its tokenizer files ask for legacy={not tok.legacy}, "
+                             f"but {tok.file} was read with legacy={tok.legacy}")
+        source = source if same else None
+    stop = sorted(tok.end_of_turn_ids)
+    tokens = {**tok.tokens, "pad_token": tok.decode([tok.pad_id])}
     ours = {
         "tokenizer_config.json": {
-            "tokenizer_class": "LlamaTokenizer", "bos_token": BOS, "eos_token": EOS, "unk_token": UNK,
-            "pad_token": pad, "add_bos_token": True, "add_eos_token": False, "legacy": tok.legacy,
-            "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
+            "tokenizer_class": "LlamaTokenizer" if tok.sp is not None else "PreTrainedTokenizerFast", **tokens,
+            **({"add_bos_token": True, "add_eos_token": False, "legacy": tok.legacy} if tok.sp is not None else {}),
+            "clean_up_tokenization_spaces": False, "chat_template": tok.template,
             "model_max_length": int(1e30) if model_max_length is None else model_max_length},
-        "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": pad},
-        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
+        "special_tokens_map.json": tokens,
+        "generation_config.json": {**({"bos_token_id": tok.bos_id} if tok.bos_id is not None else {}),
+                                   "eos_token_id": stop if len(stop) > 1 else stop[0]},
     }
     os.makedirs(out_dir, exist_ok=True)
-    names = TOKENIZER_FILES + ("chat_template.jinja",)
-    copies = [name for name in names if source is not None and os.path.exists(os.path.join(source, name))]
+    names = [n for n in TOKENIZER_FILES if tok.sp is not None or n != "tokenizer.model"]
+    copies = [n for n in names + ["chat_template.jinja"] if source is not None and os.path.exists(os.path.join(source, n))]
+    own = None if source is None else _own_template(source)[0]  # the template the copies would give
     for name in copies:  # read, then write: out_dir may be source_dir
         with open(os.path.join(source, name), "rb") as f:
             content = f.read()
-        if name == "tokenizer_config.json" and "chat_template" not in json.loads(content) \
-                and "chat_template.jinja" not in copies:
-            content = json.dumps({**json.loads(content), "chat_template": CHAT_TEMPLATE}, indent=2).encode()
+        if own != tok.template and name == "chat_template.jinja":
+            continue
+        if own != tok.template and name == "tokenizer_config.json":
+            content = json.dumps({**json.loads(content), "chat_template": tok.template}, indent=2, ensure_ascii=False).encode()
         with open(os.path.join(out_dir, name), "wb") as f:
             f.write(content)
-    for name in TOKENIZER_FILES:
+    if own != tok.template and os.path.exists(os.path.join(out_dir, "chat_template.jinja")):
+        os.remove(os.path.join(out_dir, "chat_template.jinja"))  # it would win over tokenizer_config.json's
+    for name in names:
         path = os.path.join(out_dir, name)
         if name in copies:
             continue
-        if name == "tokenizer.model":
-            if not (os.path.exists(path) and os.path.samefile(tokenizer_file, path)):
-                shutil.copyfile(tokenizer_file, path)
+        if name == name_of_file:
+            if not (os.path.exists(path) and os.path.samefile(tok.file, path)):
+                shutil.copyfile(tok.file, path)
         else:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(_tokenizer_json(tok) if name == "tokenizer.json" else ours[name], f,

@@ -44,9 +44,9 @@ def test_chat_has_bos_and_an_eos_per_turn(tok):
         start = end + 1
     assert turns == [("\n" if i else "") + f"<|{m['role']}|>\n{m['content']}" for i, m in enumerate(CHAT)]
     # the whole conversation: the template's text, ending at the last EOS (no "\n" after it) ...
-    assert tok.decode(ids) == "<s>" + data.render_chat(CHAT)[:-1]
+    assert tok.decode(ids) == tok.render(CHAT)[:-1]
     # ... and the same tokens as encoding that text in one piece: splitting off the response changed nothing
-    assert ids == tok.encode(data.render_chat(CHAT)[:-1], bos=True)
+    assert ids == tok.encode(tok.render(CHAT)[:-1], bos=True)
 
 
 def test_loss_mask_is_the_last_assistant_turn(tok):
@@ -55,13 +55,14 @@ def test_loss_mask_is_the_last_assistant_turn(tok):
     first = loss_mask.index(1)
     assert all(loss_mask[first:]) and loss_mask[-1] == 1  # one contiguous run, ending with the EOS
     assert tok.decode(ids[first:], continuation=True) == CHAT[-1]["content"] + "</s>"
-    assert tok.decode(ids[:first]) == "<s>" + data.render_chat(CHAT[:-1], add_generation_prompt=True)
+    assert tok.decode(ids[:first]) == tok.render(CHAT[:-1], add_generation_prompt=True)
 
 
-def test_render_chat():
+def test_render_chat(tok):
+    # zephyr's template (tokenizer.model.v1 comes with no template), BOS first: the tokenizer adds one
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
-    assert data.render_chat(msgs) == "<|user|>\nHi</s>\n<|assistant|>\nYo</s>\n"
-    assert data.render_chat(msgs[:1], add_generation_prompt=True) == "<|user|>\nHi</s>\n<|assistant|>\n"
+    assert tok.render(msgs) == "<s><|user|>\nHi</s>\n<|assistant|>\nYo</s>\n"
+    assert tok.render(msgs[:1], add_generation_prompt=True) == "<s><|user|>\nHi</s>\n<|assistant|>\n"
     assert data.split_chat(CHAT) == (CHAT[:-1], CHAT[-1]["content"])
     with pytest.raises(ValueError):
         data.split_chat(CHAT[:-1])
@@ -79,7 +80,7 @@ def test_decode_response(tok):
 def test_truncation_keeps_bos_and_the_last_prompt_tokens(tok):
     prompt = [{"role": "user", "content": " ".join(f"w{i}" for i in range(400))}]
     response = " ".join(f"r{i}" for i in range(200))
-    full_prompt = tok.encode(data.render_chat(prompt, add_generation_prompt=True), bos=True)
+    full_prompt = tok.encode(tok.render(prompt, add_generation_prompt=True), bos=True)
     full_reply = tok.encode(response + "</s>", continuation=True)
     assert len(full_prompt) > 64 and len(full_reply) > 100
 
@@ -319,8 +320,8 @@ def test_demo_tokenizer(tmp_path):
     for tag in ("<|user|>", "<|assistant|>", "<|system|>", "\n"):
         assert len(tok.encode(tag, continuation=True)) == 1
     for chat in chats[::7]:
-        text = data.render_chat(chat["messages"])
-        assert tok.decode(tok.encode(text, bos=True)) == "<s>" + text
+        text = tok.render(chat["messages"])
+        assert tok.decode(tok.encode(text, bos=True)) == text  # one BOS, the template's
         ids, loss_mask = data.encode_chat(tok, chat["messages"])
         assert tok.decode([i for i, m in zip(ids, loss_mask) if m], continuation=True) == chat["messages"][-1]["content"] + "</s>"
     assert tok.encode("é", continuation=True) == [tok.sp.unk_id()]  # no byte fallback: not in the demo text

@@ -250,7 +250,7 @@ def test_cli_defaults_fit_the_model_and_print_only_the_reply(export):
     r = run_cli("--model", str(path), "--prompt", prompt, "--seed", "0")  # otherwise the defaults
     assert r.returncode == 0, r.stderr
     # what the library gives for as many new tokens as fit, with the command line's defaults
-    ids = tok.encode(data.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True), bos=True)
+    ids = tok.encode(tok.render([{"role": "user", "content": prompt}], add_generation_prompt=True), bos=True)
     room = 64 - len(ids)
     [reply] = generate(load_model(path), [ids], room, temperature=0.7, top_p=0.9, eos_id=tok.eos_id, seed=0)
     assert r.stdout == data.decode_response(tok, reply) + "\n"  # the reply and nothing else
