@@ -450,8 +450,11 @@ _LIST_FIELD = {"sharegpt": "conversations", "alpaca": None, "messages": "message
 
 
 def _to_chat(record, layout, first_turn=False):
-    """A record of the given layout as a chat {"messages": [...]}, or raise _Reject(field, problem).
+    """(chat {"messages": [...]}, whether a leading assistant turn was dropped) of a record of the
+    given layout, or raise _Reject(field, problem).
 
+    ShareGPT's conversations were split into pieces, and 30% of real records start with the
+    assistant: its turn is dropped (after a system turn, which stays), as FastChat's trainer does.
     first_turn keeps the optional system turn and the first user/assistant exchange, as SPIN and
     SPACE use UltraChat; the turns after it are not checked, since they are not kept. An empty system
     prompt, as some dumps carry in every record, is no system prompt: it is left out."""
@@ -461,6 +464,10 @@ def _to_chat(record, layout, first_turn=False):
     first = messages[0] if isinstance(messages, list) and messages else None
     if isinstance(first, dict) and first["role"] == "system" and isinstance(first["content"], str) and not first["content"].strip():
         messages, fields = messages[1:], fields[1:]
+    k = 1 if isinstance(messages, list) and messages and isinstance(messages[0], dict) and messages[0]["role"] == "system" else 0
+    dropped = layout == "sharegpt" and len(messages) > k and messages[k]["role"] == "assistant"
+    if dropped:
+        messages, fields = messages[:k] + messages[k + 1:], fields[:k] + fields[k + 1:]
     if first_turn and isinstance(messages, list) and messages:
         keep = 3 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 2
         messages, fields = messages[:keep], fields[:keep]
@@ -474,7 +481,7 @@ def _to_chat(record, layout, first_turn=False):
         elif field == "messages":
             field = _LIST_FIELD[layout]
         raise _Reject(field, why)
-    return {"messages": messages}
+    return {"messages": messages}, dropped
 
 
 def rejected_path(out_path):
@@ -521,7 +528,7 @@ def convert(in_path, out_path, layout, first_turn=False):
     if os.path.abspath(in_path) in (os.path.abspath(out_path), os.path.abspath(bad_path)):
         raise ValueError(f"{in_path}: the output would overwrite the input")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    read = written = rejected = 0
+    read = written = rejected = dropped = 0
     shown = []
     try:
         with open(f"{out_path}.tmp", "w", encoding="utf-8") as out, open(f"{bad_path}.tmp", "w", encoding="utf-8") as bad:
@@ -530,7 +537,8 @@ def convert(in_path, out_path, layout, first_turn=False):
                 try:
                     if isinstance(record, _Reject):
                         raise record
-                    chat = _to_chat(record, layout, first_turn)
+                    chat, dropped_turn = _to_chat(record, layout, first_turn)
+                    dropped += dropped_turn
                 except _Reject as e:
                     field, why, *text = e.args  # a line that is not JSON comes with its text
                     reason = f"{field}: {why}" if field else why
@@ -549,7 +557,8 @@ def convert(in_path, out_path, layout, first_turn=False):
         raise
     os.replace(f"{out_path}.tmp", out_path)
     os.replace(f"{bad_path}.tmp", bad_path)
-    print(f"{in_path}: read {read}, written {written} to {out_path}, rejected {rejected} to {bad_path}")
+    started = f"; {dropped} written started with the assistant, whose turn was dropped" if layout == "sharegpt" else ""
+    print(f"{in_path}: read {read}, written {written} to {out_path}, rejected {rejected} to {bad_path}{started}")
     for line in shown:
         print(f"  rejected {line}", file=sys.stderr)
     if rejected > len(shown):

@@ -409,6 +409,32 @@ def test_convert_first_turn(tmp_path):
     assert data.load_chats(out) == [{"messages": CHAT[:3]}]
 
 
+def test_convert_drops_a_leading_assistant_turn(tmp_path, capsys):
+    # ShareGPT's split conversations: FastChat's trainer drops a first turn that is the assistant's. A
+    # system turn before it stays; with --first-turn the first user/assistant exchange after it is kept.
+    G, H = ({"from": "gpt", "value": "tail of an earlier answer"}, {"from": "human", "value": "Q1 ¿qué?"})
+    records = [
+        {"conversations": [G, H, {"from": "gpt", "value": "A1"}]},
+        {"conversations": [{"from": "system", "value": "Be brief."}, G, H, {"from": "gpt", "value": "A1"}]},
+        {"system": "S", "conversations": [G, H, {"from": "gpt", "value": "A1"}, H, {"from": "gpt", "value": "A2"}]},
+        {"conversations": [H, {"from": "gpt", "value": "A1"}]},  # starts with the user: unchanged, not counted
+        {"conversations": [G]},  # nothing left: rejected, not counted
+    ]
+    src = write_lines(tmp_path, [json.dumps(r) for r in records])
+    out = str(tmp_path / "chats.jsonl")
+    assert data.convert(src, out, "sharegpt", first_turn=True) == (5, 4, 1)
+    assert "; 3 written started with the assistant, whose turn was dropped" in capsys.readouterr().out
+    q, a = {"role": "user", "content": "Q1 ¿qué?"}, {"role": "assistant", "content": "A1"}
+    assert [c["messages"] for c in data.load_chats(out)] == [
+        [q, a], [{"role": "system", "content": "Be brief."}, q, a], [{"role": "system", "content": "S"}, q, a], [q, a]]
+    with open(data.rejected_path(out)) as f:
+        (bad,) = [json.loads(line) for line in f]
+    assert bad["line"] == 5 and bad["reason"] == "conversations: must be a non-empty list of turns"
+    # the other layouts keep their order rule: a chat starts with the user
+    src = write_lines(tmp_path, [json.dumps({"messages": [A, U, A]})])
+    assert data.convert(src, out, "messages") == (1, 0, 1)
+
+
 BAD_CONVERT = [  # (layout, line, the reason the rejected file must give)
     ("sharegpt", "{not json", "not valid JSON"),
     ("sharegpt", "[1, 2]", "not a JSON object (got list)"),
@@ -421,8 +447,11 @@ BAD_CONVERT = [  # (layout, line, the reason the rejected file must give)
     ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "  "}]}), "conversations[1].value: is empty"),
     ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "y"}]}),
      "conversations[0].value: must be a string, got list"),
+    # a leading assistant turn is dropped (below), then the rest must still be a chat; fields keep their indices
     ("sharegpt", json.dumps({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}),
-     "conversations[0].from: got 'assistant' where 'user' belongs"),
+     "conversations: the last turn is 'user'"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "gpt", "value": "x"}, {"from": "gpt", "value": "y"}]}),
+     "conversations[1].from: got 'assistant' where 'user' belongs"),
     ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"}]}),
      "conversations[1].from: got 'user' where 'assistant' belongs"),
     ("sharegpt", json.dumps({"system": "S", "conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"}]}),

@@ -19,6 +19,7 @@ import torch
 
 import data
 import tokenizer
+from conftest import ROOT
 from model import ModelArgs, Transformer, save_model
 from sample import generate
 from tokenizer import Tokenizer
@@ -432,3 +433,197 @@ def test_transformers_files_that_are_refused(exported, tmp_path):
     for model_file, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             Tokenizer(model_file)
+
+# -----------------------------------------------------------------------------
+# today's chat models: a tokenizer.json through `tokenizers`, the checkpoint's own template
+
+# zephyr-7b-sft-full's own chat template, as its tokenizer_config.json publishes it
+ZEPHYR_PUBLISHED = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+# byte-level BPE takes any text: spaces, tabs and newlines, accents, CJK, emoji, a combining mark
+BYTE_CHARS = "abcdefghij ABCXYZ 0123456789 .,!?-+=(){}  \t\n é日本語🎉Ωﬁ\u00a0e\u0301"
+
+
+def check_against_trl(tok, hf, chats, whole_chat=False):
+    """Prompt ids, response ids and the mask of every chat against transformers. whole_chat: take the
+    reference response ids from the whole chat tokenized at once (TRL's SFTTrainer), for sentencepiece,
+    whose dummy space a response tokenized alone (TRL's DPOTrainer) would get in front."""
+    eot = sorted(tok.end_of_turn_ids)
+    for chat in chats:
+        prompt, response = data.split_chat(chat)
+        assert tok.render(prompt, add_generation_prompt=True) == \
+            hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        assert tok.render(chat) == hf.apply_chat_template(chat, tokenize=False)
+        prompt_ids = trl_prompt_ids(hf, prompt)
+        if whole_chat:
+            reference = hf(hf.apply_chat_template(chat, tokenize=False))["input_ids"]
+            assert reference[:len(prompt_ids)] == prompt_ids
+            reference = reference[len(prompt_ids):]
+        else:
+            reference = trl_response_ids(hf, prompt, response)
+        end = min(reference.index(i) for i in eot if i in reference)
+        assert hf.decode(reference[end + 1:]) == "\n"  # what the template writes after the end-of-turn token
+        ids, mask, cut = data.encode_example(tok, prompt, response, max_prompt=None, max_length=None)
+        assert not cut and ids == prompt_ids + reference[:end + 1]
+        assert mask == [0] * len(prompt_ids) + [1] * (end + 1)
+        assert data.decode_response(tok, reference[:end + 1]) == response
+
+
+def test_smollm2_ids_are_trls(smollm2_tokenizer_dir):
+    tok, hf = Tokenizer(smollm2_tokenizer_dir), transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    assert tok.hf is not None and tok.sp is None  # tokenizer.json only: `tokenizers`
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.end_of_turn_ids) == (1, 2, 2, {2})
+    assert tok.template_name.endswith("chat_template.jinja")
+    chats = random_chats(4, BYTE_CHARS, n=40)  # half with a system turn, prompts of one to three exchanges
+    assert any(c[0]["role"] == "system" for c in chats) and any(len(c) > 4 for c in chats)
+    check_against_trl(tok, hf, chats)
+    # SmolLM2's template writes its default system turn where there is none; its tokenizer adds no BOS
+    ids, _ = data.encode_prompt(tok, [{"role": "user", "content": "Hi"}], None)
+    assert hf.decode(ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    # special tokens written in text become their ids, as in transformers
+    rng = random.Random(5)
+    pieces = list(BYTE_CHARS) + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "  "]
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert tok.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+        assert tok.encode(text, bos=True) == hf(text)["input_ids"]
+        assert tok.decode(tok.encode(text)) == hf.decode(hf(text)["input_ids"])
+
+
+def test_mistral_with_zephyrs_template_ids_are_transformers(tmp_path):
+    # zephyr-7b-sft-full's layout: Mistral's tokenizer (legacy), its published template, no BOS in it
+    source = tmp_path / "zephyr"
+    source.mkdir()
+    shutil.copy(MISTRAL, source / "tokenizer.model")
+    write_json(source / "tokenizer_config.json", {"legacy": True, "chat_template": ZEPHYR_PUBLISHED})
+    tokenizer.export_tokenizer(Tokenizer(str(source)), str(source))  # the tokenizer.json transformers reads
+    tok, hf = Tokenizer(str(source)), transformers.AutoTokenizer.from_pretrained(source)
+    assert tok.sp is not None and tok.legacy and tok.template == ZEPHYR_PUBLISHED and tok.end_of_turn_ids == {2}
+    check_against_trl(tok, hf, random_chats(6, MISTRAL_CHARS, n=40), whole_chat=True)
+    # the built-in zephyr template (for a folder without one) renders the published one's text after its BOS
+    default = Tokenizer(MISTRAL, legacy=True)
+    for chat in random_chats(7, MISTRAL_CHARS, n=10):
+        assert default.render(chat) == "<s>" + tok.render(chat)
+        assert data.encode_chat(default, chat) == data.encode_chat(tok, chat)
+    # a response tokenized alone gets sentencepiece's dummy space in front (TRL's DPOTrainer); inside the
+    # chat, and as generated after "<|assistant|>\n", it has none: ours is the chat's
+    prompt, response = [{"role": "user", "content": "Hi"}], "Hello"
+    assert trl_response_ids(hf, prompt, response)[:1] == tok.encode(" Hello", continuation=True)[:1] != \
+        data.encode_response(tok, prompt, response)[:1]
+
+
+def test_template_features_render_as_in_transformers(smollm2_tokenizer_dir, tmp_path):
+    # loopcontrols, tojson (no ASCII escapes, no HTML escapes), {% generation %}, raise_exception,
+    # strftime_now, the special tokens as variables, a template argument (Qwen3's enable_thinking)
+    template = (
+        "{{ bos_token }}{%- for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}"
+        "{% endif %}{% if m.role == 'system' and m.content == 'skip' %}{% continue %}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>"
+        "{% endgeneration %}{% else %}{{ m.content | tojson }}<|im_end|>{% endif %}\n{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+        "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}{{ strftime_now('%Y') }}")
+    (tmp_path / "t.jinja").write_text(template)
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    for args in ({}, {"enable_thinking": False}):
+        tok = Tokenizer(smollm2_tokenizer_dir, chat_template=str(tmp_path / "t.jinja"), template_args=args)
+        assert tok.template_name == str(tmp_path / "t.jinja")
+        for chat in random_chats(8, BYTE_CHARS + "<>&'\"", n=20) + [[{"role": "system", "content": "skip"},
+                                                                      {"role": "user", "content": "é <b>"}]]:
+            for gen in (False, True):
+                assert tok.render(chat, gen) == hf.apply_chat_template(
+                    chat, chat_template=template, tokenize=False, add_generation_prompt=gen, **args)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 't.jinja'}: TemplateError: no tools here")):
+        tok.render([{"role": "tool", "content": "x"}])
+    assert tokenizer.parse_template_args(["enable_thinking=false", "n=3", "name=Smol"]) == \
+        {"enable_thinking": False, "n": 3, "name": "Smol"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        tokenizer.parse_template_args(["enable_thinking"])
+
+
+def test_a_template_that_reads_the_date_keeps_the_runs(smollm2_tokenizer_dir, tmp_path):
+    # Llama 3.2 writes today's date into its system turn: a resumed run must render the day it started
+    (tmp_path / "dated.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if loop.first %}Today: {{ strftime_now('%d %b %Y') }}\n"
+        "{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    import train
+    argv = ["--model", smollm2_tokenizer_dir, "--out", str(tmp_path / "run"), "--chat-template",
+            str(tmp_path / "dated.jinja"), "--chat-template-arg", "enable_thinking=false"]
+    os.makedirs(tmp_path / "run")
+    chat = [{"role": "user", "content": "What day is it?"}, {"role": "assistant", "content": "Tuesday."}]
+    first = train.load_tokenizer(train.parse_args(argv), rank=0)
+    record = json.loads((tmp_path / "run" / "template.json").read_text())
+    assert record["chat_template_args"] == {"enable_thinking": False}
+    assert f"Today: {first.date.strftime('%d %b %Y')}\n" in first.render(chat)
+    # the run started on another day: a resume renders that day, whatever the clock says
+    (tmp_path / "run" / "template.json").write_text(json.dumps({**record, "date": "2001-02-03T04:05:06"}))
+    resumed = train.load_tokenizer(train.parse_args(argv), rank=0)
+    assert "Today: 03 Feb 2001\n" in resumed.render(chat)
+    fixed = Tokenizer(smollm2_tokenizer_dir, str(tmp_path / "dated.jinja"), date=resumed.date)
+    assert data.encode_chat(resumed, chat) == data.encode_chat(fixed, chat) != data.encode_chat(first, chat)
+    # a resume with other template arguments would change the ids: refused
+    with pytest.raises(SystemExit, match="template.json: this run was started with"):
+        train.load_tokenizer(train.parse_args(argv[:-1] + ["enable_thinking=true"]), rank=0)
+
+
+def test_generation_stops_at_every_end_of_turn_id(smollm2_tokenizer_dir, tmp_path, one_thread):
+    # Llama 3's generation_config.json lists three ids; the GGUF-made SmolLM2 folder has none, so copy its
+    # tokenizer files and add one
+    folder = tmp_path / "llama3ish"
+    shutil.copytree(smollm2_tokenizer_dir, folder)
+    write_json(folder / "generation_config.json", {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]})
+    tok = Tokenizer(str(folder))
+    assert tok.end_of_turn_ids == {2, 128001, 128008, 128009}  # + its EOS, which is also the template's
+    tokenizer.export_tokenizer(tok, str(tmp_path / "export"))  # the export declares the same set
+    assert json.loads((tmp_path / "export" / "generation_config.json").read_text())["eos_token_id"] == \
+        [128001, 128008, 128009]  # copied unchanged
+    assert Tokenizer(str(tmp_path / "export")).end_of_turn_ids == tok.end_of_turn_ids
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=128256,
+                     max_seq_len=64)
+    model = Transformer(args).init_weights(0, std=0.2).eval()
+    prompt = [[5, 900, 31000, 7]]
+    n = 12
+    free = generate(model, prompt, n, temperature=0)[0]
+    assert not set(free) & tok.end_of_turn_ids
+    for stop in sorted(tok.end_of_turn_ids):  # make the model say `stop` where it said free[k]: it stops there
+        k = 3
+        changed = Transformer(args).init_weights(0, std=0.2).eval()
+        with torch.no_grad():
+            changed.output.weight[stop] = 1.05 * changed.output.weight[free[k]]
+        out = generate(changed, prompt, n, temperature=0, eos_id=tok.end_of_turn_ids)[0]
+        assert out == free[:k] + [stop], stop
+        assert generate(changed, prompt, n, temperature=0, eos_id=tok.eos_id)[0][:k + 1] == free[:k] + [stop]
+
+
+def test_without_tokenizers_the_message_says_what_to_install(smollm2_tokenizer_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers now raises ImportError
+    with pytest.raises(ImportError, match="pip install tokenizers"):
+        Tokenizer(smollm2_tokenizer_dir)
+
+
+def test_a_folder_without_a_tokenizer_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: a folder with neither a tokenizer.json nor a tokenizer.model"):
+        Tokenizer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        Tokenizer(str(tmp_path / "missing"))
+
+
+def test_a_template_that_rewrites_the_prompt_is_refused(smollm2_tokenizer_dir, tmp_path):
+    # as some reasoning templates do: the generation prompt opens a <think> block that the whole chat's
+    # rendering of the same turn does not have, so no response text follows the prompt's
+    bad = tmp_path / "reasoning.jinja"
+    bad.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    tok = Tokenizer(smollm2_tokenizer_dir, chat_template=str(bad))
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: the chat template's generation prompt is not the start")):
+        data.encode_chat(tok, chat)
+    # train.py stops before any work, naming the template
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "smoke", "--out", str(out),
+                          "--chat-template", str(bad)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0 and f"{bad}: the chat template's generation prompt is not the start" in res.stderr
+    assert not os.path.exists(out / "ckpt") and not os.path.exists(out / "iter_0")
