@@ -2,17 +2,15 @@
 Data for self-play fine-tuning: the rule that turns a chat into token ids and a loss mask, the two
 JSONL formats (chats and self-play samples) with their validation, batching, a small built-in task,
 and the conversion of the common SFT layouts (ShareGPT, Alpaca) into chat JSONL. The tokenizer and
-the chat template live in tokenizer.py.
+the chat template are tokenizer.py's.
 
     python data.py demo out/demo                     # the demo task: {train,selfplay,test}.jsonl + tokenizer.model
     python data.py check out/demo/train.jsonl --tokenizer out/demo/tokenizer.model
-    python data.py check ultrachat_train.jsonl --tokenizer zephyr-7b-sft-full/tokenizer.model
+    python data.py check chats.jsonl --tokenizer SmolLM2-135M-Instruct   # a checkpoint folder: its tokenizer and template
     python data.py convert sharegpt.json chats.jsonl --from sharegpt --first-turn   # or --from alpaca|messages
 
-Every sequence the trainer sees comes from `encode_example`: BOS, the prompt in the template ending
-with "<|assistant|>\\n", then a response and its EOS, with a loss mask that is 1 on the response.
-SFT, scoring with the frozen opponent, self-play training and generation all go through it, so
-they all see the same tokens.
+Every sequence the trainer sees comes from `encode_example`, so SFT, scoring by the frozen opponent,
+self-play training and generation all see the same tokens.
 """
 import argparse
 import io
@@ -28,7 +26,7 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from tokenizer import BOS, EOS, ZEPHYR_TEMPLATE, Tokenizer, parse_template_args, render_template
+from tokenizer import BOS, EOS, ZEPHYR_TEMPLATE, Tokenizer, add_template_flags, parse_template_args, render_template
 
 # -----------------------------------------------------------------------------
 # the rule that turns a chat into tokens, as TRL's trainers make them for a prompt and a completion
@@ -44,11 +42,9 @@ def split_chat(messages):
 def encode_prompt(tok, prompt_messages, max_prompt=512):
     """(ids, truncated): the prompt rendered in the chat template with its generation prompt, encoded
     with the tokenizer's own special tokens (its BOS where it adds one, never two), at most max_prompt ids.
-
-    SPIN keeps the last max_prompt tokens (the question sits at the end of a long conversation), and
-    no BOS at all; here a BOS that the tokenizer puts first stays first, as in pretraining, so a long
-    prompt keeps it plus its last max_prompt - 1 tokens. The cap depends on the prompt alone, so
-    generation sees exactly the prompt that training and scoring see."""
+    SPIN keeps the last max_prompt tokens (the question sits at the end of a long conversation); a BOS
+    that the tokenizer puts first stays first, as in pretraining. The cap depends on the prompt alone,
+    so generation sees exactly the prompt that training and scoring see."""
     ids = tok.encode(tok.render(prompt_messages, add_generation_prompt=True), bos=True)
     if max_prompt is None or len(ids) <= max_prompt:
         return ids, False
@@ -57,32 +53,30 @@ def encode_prompt(tok, prompt_messages, max_prompt=512):
 
 
 def response_text(tok, prompt_messages, response):
-    """The response as the template writes it: the whole chat's rendering with the prompt's rendering
-    (generation prompt included) cut off its front. A template that renders the prompt otherwise in
-    the whole chat (some reasoning templates rewrite earlier turns) has no such text: refused."""
+    """The response as the template writes it: the whole chat's rendering with the prompt's (generation
+    prompt included) cut off its front. A template that renders the prompt otherwise in the whole chat
+    (some reasoning templates rewrite earlier turns) has no such text: refused."""
     prompt = tok.render(prompt_messages, add_generation_prompt=True)
     chat = tok.render(prompt_messages + [{"role": "assistant", "content": response}])
     if not chat.startswith(prompt):
-        raise ValueError(f"{tok.template_name}: the chat template's generation prompt is not the start of the "
-                         "whole chat's rendering, so the response's tokens cannot be told apart from the "
-                         "prompt's (pass --chat-template FILE with a template that keeps earlier turns as they are)")
+        raise ValueError(f"{tok.template_name}: the chat template's generation prompt is not the start of the whole "
+                         "chat's rendering, so no response can be told apart (pass --chat-template FILE)")
     return chat[len(prompt):]
 
 
 def encode_response(tok, prompt_messages, response):
-    """The response's ids: response_text with no special tokens added, up to and including the first
-    end-of-turn token, where generation stops; what the template writes after it (a newline) is
-    neither trained nor scored. It continues the prompt: no sentencepiece dummy space in front."""
+    """The response's ids: response_text with no special tokens added (a continuation: no sentencepiece
+    dummy space in front), up to and including the first end-of-turn token, where generation stops;
+    what the template writes after it (a newline) is neither trained nor scored."""
     ids = tok.encode(response_text(tok, prompt_messages, response), continuation=True)
     end = next((k for k, i in enumerate(ids) if i in tok.end_of_turn_ids), None)
     return ids if end is None else ids[:end + 1]
 
 
 def encode_example(tok, prompt_messages, response, max_prompt=512, max_length=1024):
-    """(ids, loss_mask, truncated): the prompt's ids, then the response's; the mask is 1 on the
-    response, its end-of-turn token included. A response longer than max_length - len(prompt) is cut
-    there and loses its end-of-turn token, as in SPIN. SFT, scoring, self-play training and
-    evaluation all encode through here, so they all see the same tokens."""
+    """(ids, loss_mask, truncated): the prompt's ids, then the response's; the mask is 1 on the response,
+    its end-of-turn token included. A response longer than max_length - len(prompt) is cut there and
+    loses its end-of-turn token, as in SPIN."""
     if max_prompt is not None and max_length is not None and not 1 < max_prompt < max_length:
         raise ValueError(f"need 1 < max_prompt < max_length, got {max_prompt} and {max_length}")
     prompt, truncated = encode_prompt(tok, prompt_messages, max_prompt)
@@ -93,25 +87,17 @@ def encode_example(tok, prompt_messages, response, max_prompt=512, max_length=10
 
 
 def encode_chat(tok, messages):
-    """(ids, loss_mask) of a whole conversation, untruncated: the loss is on its last assistant turn.
-    The same thing as encode_example (use that one to apply length limits)."""
+    """(ids, loss_mask) of a whole conversation, untruncated: encode_example of its last assistant turn."""
     ids, loss_mask, _ = encode_example(tok, *split_chat(messages), max_prompt=None, max_length=None)
     return ids, loss_mask
 
 
 def decode_response(tok, ids):
-    """The text of generated response ids: everything before the first end-of-turn token, decoded as a
-    continuation. encode_response re-encodes it to the same ids, unless the model chose a split the
-    tokenizer would not make, or stopped inside a character."""
+    """The text of generated ids before the first end-of-turn token, decoded as a continuation:
+    encode_response gives the ids back, unless the model chose a split the tokenizer would not make."""
     ids = [int(i) for i in ids]
     end = next((k for k, i in enumerate(ids) if i in tok.end_of_turn_ids), len(ids))
     return tok.decode(ids[:end], continuation=True)
-
-
-def check_template(tok, chats):
-    """Raise before any work if the template cannot split a chat into prompt and response (response_text)."""
-    for chat in chats:
-        response_text(tok, *split_chat(chat["messages"]))
 
 
 # -----------------------------------------------------------------------------
@@ -139,18 +125,14 @@ def _check_messages(messages, last_role):
         if role != expected:
             return f"{field}.role", (f"got {role!r} where {expected!r} belongs (an optional system turn, "
                                      "then user and assistant alternating, starting with user)")
-        if content is None:
-            return f"{field}.content", "missing or null"
-        if not isinstance(content, str):
-            return f"{field}.content", f"must be a string, got {type(content).__name__}"
-        if not content.strip():
-            return f"{field}.content", "is empty"
+        if not isinstance(content, str) or not content.strip():
+            return f"{field}.content", ("missing or null" if content is None else "is empty" if isinstance(content, str)
+                                        else f"must be a string, got {type(content).__name__}")
         if BOS in content or EOS in content:  # it would become a special token and break the template
             return f"{field}.content", f"contains {BOS!r} or {EOS!r}, which the template reserves"
     if messages[-1]["role"] != last_role:
         why = "no assistant response to learn from" if last_role == "assistant" else "a prompt ends with the user's turn"
         return "messages", f"the last turn is {messages[-1]['role']!r}, expected {last_role!r} ({why})"
-    return None
 
 
 def _is_finite_number(x):
@@ -177,62 +159,71 @@ def _check_selfplay(record):
     drawn_by = record.get("drawn_by")
     if not isinstance(drawn_by, int) or isinstance(drawn_by, bool) or drawn_by < 0:
         return "drawn_by", f"must be the iteration whose model drew the responses (an int >= 0), got {drawn_by!r}"
-    return None
 
 
-def _lines(path):
-    """Yield (n, record, problem, text) for every non-blank line of a JSONL file: the one line reader of
-    load_chats, load_selfplay and convert. problem is None, or why the line holds no JSON object (then
-    record is None and text is the line, kept for convert's rejects file). Blank lines hold no record
-    and are skipped, but keep their numbers; a byte-order mark at the start is allowed."""
+def _records(path):
+    """Yield (where, location, record, problem, text) for every record of a file: the one reader of
+    load_chats, load_selfplay and convert. problem: None, or why a line is not JSON (then text is the
+    line, for convert's rejects file). A file whose first character is "[" is a JSON array, read
+    whole, its records located by index ({"record": i}); one that does not parse is one error for the
+    whole file. Anything else is JSONL ({"line": n}): blank lines are skipped but keep their numbers."""
+    with open(path, "rb") as f:
+        array = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n").startswith("[")
+    if array:
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                array = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else e.reason
+            raise ValueError(f"{path}: not a valid JSON array ({why})") from None
+        yield from ((f"{path}: record {i}", {"record": i}, record, None, None) for i, record in enumerate(array))
+        return
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
+            where, location = f"{path}:{n}", {"line": n}
             try:
                 text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield n, None, f"not valid UTF-8 ({e.reason} at byte {e.start})", raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                yield where, location, None, f"not valid UTF-8 ({e.reason} at byte {e.start})", text
                 continue
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                yield where, location, json.loads(text), None, text
             except json.JSONDecodeError as e:
-                yield n, None, f"not valid JSON ({e.msg} at column {e.colno})", text.rstrip("\r\n")
-                continue
-            yield n, record, None, text
+                yield where, location, None, f"not valid JSON ({e.msg} at column {e.colno})", text.rstrip("\r\n")
 
 
 def _read_jsonl(path, check):
     """The records of a JSONL file; check(record) -> None or (field, problem). Raises ValueError listing
     every bad line, so nothing is dropped silently."""
     records, errors = [], []
-    for n, record, problem, _ in _lines(path):
+    for where, _, record, problem, _ in _records(path):
         if problem is None and not isinstance(record, dict):
             problem = f"not a JSON object (got {type(record).__name__})"
         elif problem is None:
             field_problem = check(record)
             problem = field_problem and f"{field_problem[0]}: {field_problem[1]}"
         if problem:
-            errors.append(f"{path}:{n}: {problem}")
+            errors.append(f"{where}: {problem}")
         else:
             records.append(record)
-    if errors:
+    if errors or not records:
         more = f"\n... and {len(errors) - 20} more bad lines" if len(errors) > 20 else ""
-        raise ValueError("\n".join(errors[:20]) + more)
-    if not records:
-        raise ValueError(f"{path}: no records")
+        raise ValueError("\n".join(errors[:20]) + more if errors else f"{path}: no records")
     return records
 
 
 def load_chats(path):
-    """Chat JSONL (UltraChat200k's shape): {"messages": [{"role", "content"}, ...]} a line, ending with an assistant turn."""
+    """Chat JSONL (UltraChat200k's shape): {"messages": [{"role", "content"}, ...]} a line (or a JSON array
+    of them), ending with an assistant turn."""
     return _read_jsonl(path, lambda r: _check_messages(r.get("messages"), last_role="assistant"))
 
 
 def load_selfplay(path):
     """Self-play JSONL: {"messages": prompt, "real", "generated": [K], "ref_real", "ref_generated": [K],
-    "drawn_by"} a line.
-    Every line must have the same K, because the trainer stacks the generated responses into [B, K]."""
+    "drawn_by"} a line. Every line has the same K: the trainer stacks the generated responses into [B, K]."""
     k = []
 
     def check(record):
@@ -262,10 +253,9 @@ def save_jsonl(path, records):
 
 def collate(examples, pad_id):
     """(tokens, targets, mask), each [B, T] with T = longest sequence - 1, right-padded.
-
     tokens = ids[:-1], targets = ids[1:], mask = loss_mask[1:]: position t predicts targets[t], and the
-    mask picks the response tokens (and their EOS) as targets. Padded targets hold pad_id rather than
-    -100 so that a gather over the vocabulary stays in range; the mask removes them."""
+    mask picks the response's tokens (its end-of-turn token too) as targets. Padded targets hold pad_id
+    rather than -100 so that a gather over the vocabulary stays in range; the mask removes them."""
     lengths = [len(ids) - 1 for ids, _ in examples]
     if any(len(ids) != len(loss_mask) for ids, loss_mask in examples) or min(lengths) < 1:
         raise ValueError("every example needs len(ids) == len(loss_mask) >= 2")
@@ -282,11 +272,9 @@ def collate(examples, pad_id):
 
 def batches(n, batch_size, seed, epoch=0, rank=0, world_size=1):
     """This rank's share of every global batch of one epoch: a list of lists of example indices.
-
     One permutation of range(n), fixed by (seed, epoch) alone, is cut into global batches; rank r takes
-    the r-th contiguous slice of each. So the ranks' slices of a batch, concatenated, are the batch a
-    single process would use, and a resumed run finds the same order. The incomplete tail of the
-    permutation is dropped for this epoch only: the next epoch's permutation reshuffles everything."""
+    the r-th contiguous slice of each: concatenated, the ranks' slices are one process's batch, and a
+    resumed run finds the same order. The incomplete tail is dropped for this epoch only."""
     if batch_size % world_size:
         raise ValueError(f"global batch size {batch_size} is not divisible by world size {world_size}")
     if not 0 <= rank < world_size:
@@ -299,10 +287,9 @@ def batches(n, batch_size, seed, epoch=0, rank=0, world_size=1):
 
 # -----------------------------------------------------------------------------
 # the demo task: problems with exactly checkable answers, made at run time: add two numbers below
-# 100, reverse 3 to 8 letters, or sort them. With train.py's demo preset (a dim-128, 4-layer
-# Mistral, SFT for 375 steps: minutes on 2 CPU cores) greedy exact match on the test split
-# ends near 46% (addition is the hard kind: the carry must be known before the first digit is
-# written). So self-play has room to help.
+# 100, reverse 3 to 8 letters, or sort them. With train.py's demo preset greedy exact match on the
+# test split ends near 46% (addition is the hard kind: the carry must be known before the first
+# digit is written), so self-play has room to help.
 
 _PHRASINGS = {
     "add": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}.", "Please calculate {a} plus {b}."],
@@ -349,18 +336,12 @@ def exact_match(prediction, reference):
 def demo_tokenizer(chats, out_dir, vocab_size=320):
     """Train a small BPE sentencepiece model on the chats' text, write out_dir/tokenizer.model, load it.
 
-    Built like Mistral's (BPE, digits split, <unk>=0, <s>=1, </s>=2 as control symbols, no pad), so
-    the demo runs the same code paths as the real thing, but without byte fallback: its 256 byte
-    pieces would crowd the merges out of a vocabulary this small, and the demo text needs none
-    (other characters become <unk>). The demo text supports about 300 pieces; vocab_size caps
-    them. The template's tags and "\\n" are user-defined symbols, kept whole and never merged with
-    neighbours, so a response is split the same way whether or not its prompt is encoded with it.
-    No dummy prefix either: sentencepiece would put that space before the tag that starts the text
-    ("▁", "<|user|>"), which transformers' tokenizers cannot do, so exports would not tokenize as
-    training did; and it is the only dummy space the template would get, as every turn's text
-    follows a "\\n".
-    Single-threaded on an ordered input, training is deterministic: the same chats give the same
-    file, in well under a second."""
+    Built like Mistral's (BPE, digits split, <unk>=0, <s>=1, </s>=2 as control symbols, no pad), but
+    without byte fallback (256 byte pieces would crowd the merges out of ~300; other characters
+    become <unk>) and without a dummy prefix (sentencepiece would put it before the tag that starts
+    the text, which transformers' tokenizers cannot do). The template's tags and "\\n" are
+    user-defined symbols, never merged with neighbours, so a response is split the same way with or
+    without its prompt. Single-threaded on an ordered input, training is deterministic and fast."""
     # the template's text without <s> and </s>, which are control symbols, not text
     texts = [render_template(ZEPHYR_TEMPLATE, chat["messages"], bos_token="", eos_token="") for chat in chats]
     model = io.BytesIO()
@@ -394,15 +375,11 @@ class _Reject(Exception):
 
 
 def _from_sharegpt(record):
-    """(messages, fields): fields[i] names where turn i came from, as (turn, role field, content field).
-    An optional top-level "system" string becomes the system turn."""
+    """(messages, fields): fields[i] names where turn i came from, as (turn, role field, content field)."""
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise _Reject("conversations", "missing or null" if turns is None else "must be a non-empty list of turns")
     messages, fields = [], []
-    if record.get("system") is not None:
-        messages.append({"role": "system", "content": record["system"]})
-        fields.append(("system",) * 3)
     for j, turn in enumerate(turns):
         where = f"conversations[{j}]"
         if not isinstance(turn, dict):
@@ -419,7 +396,7 @@ def _from_sharegpt(record):
 
 def _from_alpaca(record):
     """(messages, fields): instruction, and input after a blank line when there is one, become the
-    user turn; output the assistant turn; an optional "system" the system turn."""
+    user turn; output the assistant turn."""
     instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
     if extra is not None and not isinstance(extra, str):
         raise _Reject("input", f"must be a string, got {type(extra).__name__}")
@@ -427,13 +404,7 @@ def _from_alpaca(record):
         user = f"{instruction}\n\n{extra}"
     else:
         user = instruction  # a missing, empty or non-string instruction is reported by the check
-    messages, fields = [], []
-    if record.get("system") is not None:
-        messages.append({"role": "system", "content": record["system"]})
-        fields.append(("system",) * 3)
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    fields += [("instruction",) * 3, ("output",) * 3]
-    return messages, fields
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}], [("instruction",) * 3, ("output",) * 3]
 
 
 def _from_messages(record):
@@ -450,17 +421,16 @@ _LIST_FIELD = {"sharegpt": "conversations", "alpaca": None, "messages": "message
 
 
 def _to_chat(record, layout, first_turn=False):
-    """(chat {"messages": [...]}, whether a leading assistant turn was dropped) of a record of the
-    given layout, or raise _Reject(field, problem).
-
-    ShareGPT's conversations were split into pieces, and 30% of real records start with the
-    assistant: its turn is dropped (after a system turn, which stays), as FastChat's trainer does.
-    first_turn keeps the optional system turn and the first user/assistant exchange, as SPIN and
-    SPACE use UltraChat; the turns after it are not checked, since they are not kept. An empty system
-    prompt, as some dumps carry in every record, is no system prompt: it is left out."""
+    """(chat {"messages": [...]}, whether a leading assistant turn was dropped), or raise _Reject(field, problem).
+    ShareGPT's conversations were split into pieces, and 30% of real records start with the assistant:
+    that turn is dropped (a system turn before it stays), as FastChat's trainer does. first_turn keeps
+    the system turn and the first user/assistant exchange, as SPIN and SPACE use UltraChat (the turns
+    after it are not checked). An empty system prompt, as some dumps carry in every record, is left out."""
     if not isinstance(record, dict):
         raise _Reject(None, f"not a JSON object (got {type(record).__name__})")
     messages, fields = _CONVERTERS[layout](record)
+    if layout != "messages" and record.get("system") is not None:  # an optional top-level "system" string
+        messages, fields = [{"role": "system", "content": record["system"]}] + messages, [("system",) * 3] + fields
     first = messages[0] if isinstance(messages, list) and messages else None
     if isinstance(first, dict) and first["role"] == "system" and isinstance(first["content"], str) and not first["content"].strip():
         messages, fields = messages[1:], fields[1:]
@@ -485,33 +455,8 @@ def _to_chat(record, layout, first_turn=False):
 
 
 def rejected_path(out_path):
-    """Where convert writes what it rejects: OUT with a .jsonl suffix removed, plus .rejected.jsonl
-    (chats.jsonl -> chats.rejected.jsonl; chats -> chats.rejected.jsonl)."""
+    """Where convert writes what it rejects: chats.jsonl (or chats) -> chats.rejected.jsonl."""
     return out_path.removesuffix(".jsonl") + ".rejected.jsonl"
-
-
-def _input_records(path):
-    """Yield (where, location, record) for every record of a JSONL file or a JSON array; a line that is
-    not JSON yields a _Reject in place of the record.
-
-    The format is told by the first non-space character: "[" starts a JSON array, read whole, whose
-    records are located by their index ({"record": i}); anything else is JSONL, read line by line
-    ({"line": n}; blank lines hold no record and are skipped, but keep their numbers). A JSON array that does not parse is one error
-    for the whole file: no record of it can be trusted."""
-    with open(path, "rb") as f:
-        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-    if head.startswith("["):
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                array = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            why = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else e.reason
-            raise ValueError(f"{path}: not a valid JSON array ({why})") from None
-        for i, record in enumerate(array):
-            yield f"{path}: record {i}", {"record": i}, record
-        return
-    for n, record, problem, text in _lines(path):
-        yield f"{path}:{n}", {"line": n}, record if problem is None else _Reject(None, problem, text)
 
 
 def convert(in_path, out_path, layout, first_turn=False):
@@ -520,8 +465,7 @@ def convert(in_path, out_path, layout, first_turn=False):
     Every record lands in one of two files: the chat at out_path, or, at rejected_path(out_path), a
     line {"line": n (or "record": i), "reason": "field: problem", "input": the record, or the text of
     a line that is not JSON}. Prints the counts and the first reasons; returns (read, written,
-    rejected). Both files are written under temporary names and renamed at the end, so a failed
-    run leaves no half-written file."""
+    rejected). Both files are renamed into place at the end: a failed run leaves no half-written file."""
     if layout not in _CONVERTERS:
         raise ValueError(f"unknown layout {layout!r} (expected one of {CONVERT_LAYOUTS})")
     bad_path = rejected_path(out_path)
@@ -532,11 +476,11 @@ def convert(in_path, out_path, layout, first_turn=False):
     shown = []
     try:
         with open(f"{out_path}.tmp", "w", encoding="utf-8") as out, open(f"{bad_path}.tmp", "w", encoding="utf-8") as bad:
-            for where, location, record in _input_records(in_path):
+            for where, location, record, problem, text in _records(in_path):
                 read += 1
                 try:
-                    if isinstance(record, _Reject):
-                        raise record
+                    if problem:
+                        raise _Reject(None, problem, text)
                     chat, dropped_turn = _to_chat(record, layout, first_turn)
                     dropped += dropped_turn
                 except _Reject as e:
@@ -546,7 +490,7 @@ def convert(in_path, out_path, layout, first_turn=False):
                     bad.write(json.dumps(entry, ensure_ascii=False) + "\n")
                     rejected += 1
                     if len(shown) < 5:
-                        shown.append(f"{where}: {reason}")
+                        shown.append(f"rejected {where}: {reason}")
                     continue
                 out.write(json.dumps(chat, ensure_ascii=False) + "\n")
                 written += 1
@@ -559,10 +503,8 @@ def convert(in_path, out_path, layout, first_turn=False):
     os.replace(f"{bad_path}.tmp", bad_path)
     started = f"; {dropped} written started with the assistant, whose turn was dropped" if layout == "sharegpt" else ""
     print(f"{in_path}: read {read}, written {written} to {out_path}, rejected {rejected} to {bad_path}{started}")
-    for line in shown:
-        print(f"  rejected {line}", file=sys.stderr)
-    if rejected > len(shown):
-        print(f"  ... and {rejected - len(shown)} more in {bad_path}", file=sys.stderr)
+    for line in shown + ([f"... and {rejected - len(shown)} more in {bad_path}"] if rejected > len(shown) else []):
+        print(f"  {line}", file=sys.stderr)
     return read, written, rejected
 
 # -----------------------------------------------------------------------------
@@ -574,13 +516,9 @@ def _stats(xs):
 
 
 def check(path, tok=None, max_prompt=512, max_length=1024):
-    """Validate a chat or self-play JSONL file (told apart by its first line) and print its statistics."""
-    with open(path, "rb") as f:
-        first = next((line for line in f if line.strip()), b"")
-    try:
-        selfplay = "generated" in json.loads(first)
-    except (ValueError, TypeError):
-        selfplay = False  # load_chats reports the line
+    """Validate a chat or self-play JSONL file (told apart by its first record) and print its statistics."""
+    first = next(_records(path), (None, None, None))[2]
+    selfplay = isinstance(first, dict) and "generated" in first  # else load_chats reports the line
     records = load_selfplay(path) if selfplay else load_chats(path)
     if selfplay:
         print(f"{path}: {len(records)} self-play prompts, K = {len(records[0]['generated'])} generated responses each")
@@ -589,8 +527,6 @@ def check(path, tok=None, max_prompt=512, max_length=1024):
         print(f"{path}: {len(records)} chats, {turns} turns")
     if tok is None:
         return
-    check_template(tok, [{"messages": r["messages"] + [{"role": "assistant", "content": r["real"]}]} for r in records]
-                   if selfplay else records)
     prompt_lens, real_lens, gen_lens, total, truncated = [], [], [], 0, 0
     for r in tqdm(records, desc="encoding", leave=False):
         prompt, real = (r["messages"], r["real"]) if selfplay else split_chat(r["messages"])
@@ -615,17 +551,14 @@ def main(argv=None):
     p.add_argument("file", help="chat JSONL ({'messages': [...]} a line) or self-play JSONL")
     p.add_argument("--tokenizer", help="a checkpoint folder, or its tokenizer.model or tokenizer.json; with it, token "
                                        "counts and truncation are printed, the ids made as train.py makes them")
-    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template instead of the checkpoint's own")
-    p.add_argument("--chat-template-arg", metavar="KEY=VALUE", action="append", default=[],
-                   help="a variable for the template, VALUE read as JSON where it parses (enable_thinking=false)")
+    add_template_flags(p)
     p.add_argument("--max-prompt", type=int, default=512, help="prompt tokens kept (BOS and the last ones), as in training")
     p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens kept, as in training")
     p = commands.add_parser("demo", help="write the demo task as chat JSONL plus its tokenizer")
     p.add_argument("out_dir", help="writes train.jsonl, selfplay.jsonl, test.jsonl and tokenizer.model here")
     p.add_argument("--seed", type=int, default=0, help="the splits are a function of the seed")
     p = commands.add_parser("convert", help="turn ShareGPT, Alpaca or chat records (JSONL or a JSON array) into chat JSONL",
-                            description="Records that cannot become a valid chat go, each with its line (or array "
-                                        "index) and the reason, to OUT.rejected.jsonl: chats.jsonl -> chats.rejected.jsonl.")
+                            description="Records that cannot become a chat go to OUT.rejected.jsonl, with line and reason.")
     p.add_argument("input", metavar="IN", help="JSONL, one record a line, or a JSON array of records (told apart by the first character)")
     p.add_argument("output", metavar="OUT", help="chat JSONL to write ({'messages': [...]} a line)")
     p.add_argument("--from", dest="layout", required=True, choices=CONVERT_LAYOUTS,
@@ -639,8 +572,8 @@ def main(argv=None):
         splits = demo_splits(seed=args.seed)
         for name, chats in splits.items():
             save_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), chats)
-        tokenizer = demo_tokenizer(splits["train"], args.out_dir)
-        print(f"{args.out_dir}: " + ", ".join(f"{len(c)} {n}" for n, c in splits.items()) + f", vocab {tokenizer.vocab_size}")
+        vocab = demo_tokenizer(splits["train"], args.out_dir).vocab_size
+        print(f"{args.out_dir}: " + ", ".join(f"{len(c)} {n}" for n, c in splits.items()) + f", vocab {vocab}")
         return 0
     if args.command == "convert":
         try:
@@ -653,7 +586,7 @@ def main(argv=None):
         return 0 if written else 1
     try:
         tok = None if args.tokenizer is None else Tokenizer(
-            args.tokenizer, args.chat_template, parse_template_args(args.chat_template_arg, "--chat-template-arg"))
+            args.tokenizer, args.chat_template, parse_template_args(args.chat_template_arg))
         check(args.file, tok, args.max_prompt, args.max_length)
     except (ValueError, OSError, ImportError) as e:  # a bad line (named path:line) or a missing file: exit 1
         print(e, file=sys.stderr)

@@ -275,13 +275,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 # Command line: chat with a checkpoint
 
 def main():
+    from tokenizer import Tokenizer, add_template_flags, parse_template_args  # only the command line needs it
     parser = argparse.ArgumentParser(description="Sample a reply from a checkpoint (Hugging Face or Mistral folder).")
     parser.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors, or params.json)")
     parser.add_argument("--prompt", required=True, help="the user message (or, with --raw, the text to continue)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model, tokenizer.json or a folder; default MODEL's")
-    parser.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template instead of the checkpoint's own")
-    parser.add_argument("--chat-template-arg", metavar="KEY=VALUE", action="append", default=[],
-                        help="a variable for the template, VALUE read as JSON where it parses (enable_thinking=false)")
+    add_template_flags(parser)
     parser.add_argument("--raw", action="store_true", help="continue the plain text instead of a chat turn")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -293,10 +292,8 @@ def main():
                         help="weights and KV cache dtype (sampling is fp32 regardless)")
     cli = parser.parse_args()
 
-    from tokenizer import Tokenizer, parse_template_args  # only the command line needs it
     try:
-        tok = Tokenizer(cli.tokenizer or cli.model, cli.chat_template,
-                        parse_template_args(cli.chat_template_arg, "--chat-template-arg"))
+        tok = Tokenizer(cli.tokenizer or cli.model, cli.chat_template, parse_template_args(cli.chat_template_arg))
     except (ValueError, OSError, ImportError) as e:
         parser.error(str(e))
     model = load_model(cli.model, dtype=getattr(torch, cli.dtype), device=cli.device)

@@ -205,6 +205,15 @@ class Tokenizer:
             raise ValueError(f"{self.template_name}: {type(e).__name__}: {e}") from None
 
 
+def add_template_flags(parser):
+    """--chat-template and --chat-template-arg, the same for train.py, data.py check and sample.py."""
+    parser.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template instead of the checkpoint's "
+                        "own (its chat_template.jinja or tokenizer_config.json's; else zephyr's)")
+    parser.add_argument("--chat-template-arg", metavar="KEY=VALUE", action="append", default=[],
+                        help="a variable for the chat template, VALUE read as JSON where it parses (Qwen3's "
+                             "enable_thinking=false); repeatable")
+
+
 def parse_template_args(pairs, flag="--chat-template-arg"):
     """["enable_thinking=false", "name=x"] -> {"enable_thinking": False, "name": "x"}: a VALUE is read as
     JSON where it parses (false, 3, "x", [1, 2]), else taken as the string."""

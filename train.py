@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from tqdm import tqdm
 
 import data
-from tokenizer import Tokenizer, export_tokenizer, parse_template_args
+from tokenizer import Tokenizer, add_template_flags, export_tokenizer, parse_template_args
 from checkpoint import Run, export, latest_checkpoint, load_optimizer, resume, save_checkpoint
 from model import ModelArgs, Transformer, load_model
 from parallel import (all_sum, barrier, check_shared_out, from_rank0, frozen_copy, parallelize, print0,
@@ -115,11 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--n-test", type=int, help="held-out chats taken from the end of --data (or the demo's test split)")
     p.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a folder of them (default: MODEL's, or one "
                                        "trained on the demo)")
-    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template instead of MODEL's own (default: "
-                   "its tokenizer_config.json's or chat_template.jinja, else zephyr's)")
-    p.add_argument("--chat-template-arg", metavar="KEY=VALUE", action="append", default=[],
-                   help="a variable for the chat template, VALUE read as JSON where it parses, e.g. Qwen3's "
-                        "enable_thinking=false; repeatable; kept with the run")
+    add_template_flags(p)  # kept with the run: OUT/template.json
     p.add_argument("--out", default="out/demo", help="run folder: metrics.jsonl, ckpt/, iter_k/ (shared by all nodes)")
     p.add_argument("--method", choices=list(BETA), default="space", help="the loss of the iterations")
     p.add_argument("--iterations", type=int, help="self-play iterations T")
@@ -409,7 +405,8 @@ def load_data(cfg, rank):
         raise SystemExit(f"{len(sft)} SFT chats (--train-size): fewer than one SFT batch of {cfg.sft_batch_size}")
     tok = load_tokenizer(cfg, rank)
     try:  # a template that cannot split a chat into prompt and response stops the run here
-        data.check_template(tok, sft if sft is selfplay else sft + selfplay + held_out)
+        for chat in (sft if sft is selfplay else sft + selfplay) + held_out:
+            data.response_text(tok, *data.split_chat(chat["messages"]))
     except ValueError as e:
         raise SystemExit(str(e))
     if rank == 0:  # every export writes transformers' tokenizer files: find out now, not after θ_0's evaluation
