@@ -709,3 +709,19 @@ def test_a_tokenizer_that_adds_bos_and_a_template_that_writes_it(smollm2_tokeniz
     ids, cut = data.encode_prompt(tok, [{"role": "user", "content": "word " * 300}], max_prompt=64)
     full, _ = data.encode_prompt(tok, [{"role": "user", "content": "word " * 300}], max_prompt=None)
     assert cut and ids == [0] + full[-63:]
+
+
+def test_when_a_stored_response_re_encodes_to_other_ids(smollm2_tokenizer_dir):
+    # generated responses are stored as text; self-play logs the share whose text re-encodes to other ids
+    tok = Tokenizer(smollm2_tokenizer_dir)
+    prompt = [{"role": "user", "content": "Say something."}]
+    canonical = data.encode_response(tok, prompt, "Hello wörld, 日本語!")
+    assert canonical[-1] == 2 and data.encode_response(tok, prompt, data.decode_response(tok, canonical)) == canonical
+    # a split byte-level BPE would not make: one token per character of "Hello"
+    split = [i for ch in "Hello" for i in tok.encode(ch)] + canonical[1:]
+    assert split != canonical and data.decode_response(tok, split) == data.decode_response(tok, canonical)
+    assert data.encode_response(tok, prompt, data.decode_response(tok, split)) == canonical != split
+    # a reply cut at the length limit inside a character: its text ends in U+FFFD, which encodes otherwise
+    cut = tok.encode("Hello 日")[:-1]  # "日" is three bytes, more than one token here
+    assert data.decode_response(tok, cut).endswith("\ufffd")
+    assert data.encode_response(tok, prompt, data.decode_response(tok, cut))[:-1] != cut
