@@ -19,9 +19,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-import data
 from model import save_model
 from parallel import barrier, from_rank0, print0
+from tokenizer import export_tokenizer
 
 
 class Run:
@@ -119,9 +119,9 @@ def resume(run, model):
     print0(f"resumed from {path}: {run.phase} {run.iteration}, step {run.step}")
 
 
-def export(policy, tok_file, folder, source_dir=None):
+def export(policy, tok, folder, source_dir=None):
     """θ_t in the Hugging Face layout (sharded above 5 GB) with its tokenizer files, into folder
     (OUT/iter_t/). Files only: what the model says (samples.jsonl) is the loop's business. Rank 0 only."""
     save_model(policy, folder)
     # the tokenizer files transformers, vLLM and lm-eval read (the chat template included); --model's own are copied
-    data.export_tokenizer(tok_file, folder, source_dir=source_dir, model_max_length=policy.args.max_seq_len)
+    export_tokenizer(tok, folder, source_dir=source_dir, model_max_length=policy.args.max_seq_len)
