@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from parallel import from_rank0
+from parallel import from_rank0, to_device
 from sample import generate
 from space import sequence_logprobs
 
@@ -63,14 +63,6 @@ def score(model, seqs, pad_id, max_tokens=16384) -> list[float]:
             out[j] = s
         i += len(idx)
     return out
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """Host batch -> device. On a GPU through pinned memory, so the copy runs asynchronously and the
-    host goes on preparing the next batch instead of waiting for it."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------

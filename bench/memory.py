@@ -71,7 +71,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -187,7 +186,7 @@ def measure_step(precision, ac, layers, device):
     model = Transformer(replace(ARGS, n_layers=layers)).to(device=device, dtype=dtype)
     if precision == "lora":  # the base frozen in bf16, fp32 adapters: only they have gradients and state
         add_lora(model, LORA_R, 2 * LORA_R)
-    model = parallel.parallelize(model, SimpleNamespace(activation_checkpointing=ac, bf16=use_autocast), 1, device)
+    model = parallel.parallelize(model, 1, activation_checkpointing=ac)
     opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-7)
     self_play_loss(model, make_batch(WARM_SEQ, WARM_SEQ // 2, device), use_autocast, device).backward()
     opt.step()
@@ -249,7 +248,7 @@ def measure_fsdp():
     rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     torch.manual_seed(0)
     model = Transformer(replace(ARGS, n_layers=2))
-    model = parallel.parallelize(model, SimpleNamespace(activation_checkpointing=False, bf16=True), world, device)
+    model = parallel.parallelize(model, world, bf16=True)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-7)
     sent = {}
 

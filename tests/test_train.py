@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,8 +263,8 @@ def test_bf16_generation_copy(reference):
     ids = [data.encode_prompt(tok, data.split_chat(c["messages"])[0], 48)[0] for c in chats]
     for t in (0, 2):
         model = load_model(os.path.join(out, f"iter_{t}"))
-        cfg = SimpleNamespace(bf16=True, pad_id=tok.pad_id, score_tokens=1024)
-        policy, _ = train.opponent(model, cfg, 1, torch.device("cpu"))
+        policy, _ = train.opponent(model, train.parse_args(["--preset", "smoke", "--bf16"]), 1, torch.device("cpu"),
+                                   tok.pad_id)
         assert {p.dtype for p in policy.parameters()} == {torch.bfloat16} and not torch.is_autocast_enabled()
         assert {p.dtype for p in model.parameters()} == {torch.float32}  # the master weights stay fp32
         cache_dtypes = []
@@ -306,14 +305,13 @@ def test_sft_weight_adds_exactly_alpha_times_the_nll():
 
     def seq(p, r):
         return torch.randint(3, 61, (p + r,), generator=g).tolist(), [0] * p + [1] * r
-    examples = [{"seqs": [seq(5 + 3 * i, 4 + 2 * i), seq(7, 9 - i)], "ref_real": -20.0 - i, "ref_generated": [-25.0 + i]}
-                for i in range(3)]
+    examples = [{"seqs": [seq(5 + 3 * i, 4 + 2 * i), seq(7, 9 - i)], "ref": [-20.0 - i, -25.0 + i]} for i in range(3)]
     real_tokens = 37.0  # the global batch's (this micro-batch is part of it)
-    cfg = SimpleNamespace(device=torch.device("cpu"), pad_id=0, mu=None, sft_weight=0.3, spin_kind="sigmoid", gamma=0.5)
+    batch = train.make_batch(examples, 0, torch.device("cpu"))
     counts = {"prompts": 8, "real_tokens": real_tokens}
-    loss, metrics_ = train.micro_loss(model, "space", cfg, examples, counts, world=1, beta=0.7)
-    cfg.sft_weight = 0.0
-    base, _ = train.micro_loss(model, "space", cfg, examples, counts, world=1, beta=0.7)
+    loss, metrics_ = train.micro_loss(model, "space", train.parse_args(["--sft-weight", "0.3"]), batch, counts,
+                                      world=1, beta=0.7)
+    base, _ = train.micro_loss(model, "space", train.parse_args([]), batch, counts, world=1, beta=0.7)
     # by hand, in float64 through the full logits
     m64 = Transformer(args).init_weights(1).double()
     s = []
@@ -323,7 +321,7 @@ def test_sft_weight_adds_exactly_alpha_times_the_nll():
             logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
             s.append((logp * torch.tensor(mask[1:], dtype=torch.float64)).sum())
     s = torch.stack(s).view(3, 2)
-    ref = torch.tensor([[ex["ref_real"]] + ex["ref_generated"] for ex in examples], dtype=torch.float64)
+    ref = torch.tensor([ex["ref"] for ex in examples], dtype=torch.float64)
     expected_base = space_loss(s[:, 0], s[:, 1:], ref[:, 0], ref[:, 1:], beta=0.7) * 3 / 8
     nll = -s[:, 0].sum() / real_tokens
     assert base.item() == pytest.approx(expected_base.item(), rel=1e-5)
@@ -354,15 +352,12 @@ def test_rank0_broadcast_loading_gives_the_same_shards(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {ROOT!r})
-        from types import SimpleNamespace
         import parallel, train
         from model import load_model
-        cfg = SimpleNamespace(model={str(tmp_path / "m")!r}, activation_checkpointing=False, bf16=False,
-                              shard_size=0, dist_timeout=5)
-        rank, world, device, mesh = parallel.setup_distributed(cfg)
+        cfg = train.parse_args(["--model", {str(tmp_path / "m")!r}, "--dist-timeout", "5"])
+        rank, world, device, mesh = parallel.setup_distributed(cfg.shard_size, cfg.dist_timeout)
         ours = train.build_model(cfg, None, rank, world, device, mesh)
-        cfg.model = None
-        today = parallel.parallelize(load_model({str(tmp_path / "m")!r}), cfg, world, device, mesh)
+        today = parallel.parallelize(load_model({str(tmp_path / "m")!r}), world, mesh)
         a, b = ours.state_dict(), today.state_dict()
         assert a.keys() == b.keys()
         for k in a:
