@@ -188,7 +188,8 @@ def _assign(param, full: torch.Tensor):
     """Copy a full tensor into a parameter, or into this rank's shard of it under FSDP2 (a DTensor)."""
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
-        full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
+        # every rank drew the same full tensor from the same seed: each keeps its slice, no communication
+        full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
     param.copy_(full)
 
 
@@ -278,6 +279,7 @@ def save_adapter(folder, adapters: dict, r: int, alpha: float, targets, base_mod
     is where the weights the adapter was trained on live (for train.py: the absolute path of OUT/iter_t)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
+    alpha = int(alpha) if float(alpha).is_integer() else alpha  # PEFT writes an int; a float is read as well
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": [hf_target(t) for t in targets], "bias": "none", "fan_in_fan_out": False,

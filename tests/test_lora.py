@@ -302,3 +302,152 @@ def test_bad_input_is_named():
     model = add_lora(random_model(), 4, 8)
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(model, 4, 8)
+
+
+# -----------------------------------------------------------------------------
+# train.py --lora end to end, on the smoke preset. One uninterrupted single-process run from scratch is
+# the reference (SFT makes θ_0 in full, then 2 LoRA iterations with the recipe's switches and dropout
+# under activation checkpointing); the other runs start from its θ_0 (--model) and must end where it ends.
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+LORA = ["--lora", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--activation-checkpointing", "--lr", "1e-3",
+        "--mix-previous", "1", "--sft-weight", "0.1", "--gen-batch", "16"]
+PORT = [29617]
+
+
+def train(out, *extra, nproc=1, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [os.path.join(ROOT, "train.py"), "--preset", "smoke", *LORA, "--out", str(out), *extra]
+    if nproc > 1:
+        PORT[0] += 1
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(PORT[0]), *cmd]
+    res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"train.py failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def losses(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [(r["iteration"], r["loss"]) for r in rows if r.get("phase") == "iter" and "loss" in r]
+
+
+def tensors(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    res = train(out)
+    return out, res.stdout
+
+
+def test_lora_run_writes_merged_models_and_peft_adapters(lora_run):
+    out, stdout = lora_run
+    assert "LoRA r=4 alpha=8 on wq wk wv wo w1 w2 w3: 8,960 trainable parameters" in stdout
+    for t in (1, 2):
+        config = json.loads(open(os.path.join(out, f"iter_{t}", "adapter", "adapter_config.json")).read())
+        assert config["base_model_name_or_path"] == os.path.abspath(os.path.join(out, f"iter_{t - 1}"))
+        assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.1)
+        assert json.loads(open(os.path.join(out, f"iter_{t}", "config.json")).read())["torch_dtype"] == "float32"
+    assert not os.path.exists(os.path.join(out, "iter_0", "adapter"))  # θ_0 is the full SFT's
+    # the checkpoint of a LoRA iteration holds the adapters alone: the base is θ_t, exported already
+    import torch.distributed.checkpoint as dcp
+    ckpt = os.path.join(out, "ckpt", open(os.path.join(out, "ckpt", "latest")).read())
+    saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    assert len(saved) == 2 * 2 * 7 and all(".lora_" in k for k in saved)
+
+
+def test_peft_loads_the_adapter_on_the_previous_export_and_gives_the_next(lora_run):
+    """AutoPeftModelForCausalLM finds OUT/iter_0 through base_model_name_or_path, puts OUT/iter_1/adapter
+    on it, and computes OUT/iter_1's logits (transformers, fp32)."""
+    out, _ = lora_run
+    merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "iter_1"), dtype=torch.float32).eval()
+    stacked = peft.AutoPeftModelForCausalLM.from_pretrained(os.path.join(out, "iter_1", "adapter"), dtype=torch.float32).eval()
+    x = torch.randint(3, merged.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = merged(x).logits, stacked(input_ids=x).logits
+        with stacked.disable_adapter():
+            base = stacked(input_ids=x).logits
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-4
+    assert (base - ref).abs().max() / ref.abs().max() > 1e-3  # the adapter is what makes the difference
+
+
+def test_each_export_is_the_previous_plus_its_adapter(lora_run):
+    """Between two exports, every adapted matrix moved by exactly (α/r) B A of the saved adapter (float64
+    recomputation; to within fp32's rounding of W), and nothing else moved."""
+    out, _ = lora_run
+    eps = torch.finfo(torch.float32).eps
+    for t in (0, 1):
+        before = tensors(os.path.join(out, f"iter_{t}", "model.safetensors"))
+        after = tensors(os.path.join(out, f"iter_{t + 1}", "model.safetensors"))
+        adapter = tensors(os.path.join(out, f"iter_{t + 1}", "adapter", "adapter_model.safetensors"))
+        assert before.keys() == after.keys()
+        changed = {k for k in after if not torch.equal(after[k], before[k])}
+        adapted = {k.removeprefix("base_model.model.").replace(".lora_A", "") for k in adapter if ".lora_A." in k}
+        assert changed == adapted and len(adapted) == 2 * 7
+        for name in adapted:
+            stem = "base_model.model." + name.removesuffix(".weight")
+            b, a = adapter[f"{stem}.lora_B.weight"].double(), adapter[f"{stem}.lora_A.weight"].double()
+            w = before[name].double()
+            err = (after[name].double() - (w + 2.0 * b @ a)).abs()
+            assert (err <= eps * (w.abs() + 5 * 2.0 * b.abs() @ a.abs())).all(), name
+            assert (2.0 * b @ a).abs().max() > 1e-4  # the adapter learned something at lr 1e-3
+
+
+def test_lora_nan_then_resume_mid_iteration_ends_bit_identical(lora_run, tmp_path):
+    """Stopped mid-iteration 1 (a NaN at global step 11, after the checkpoint of step 2): --resume
+    rebuilds θ_1 from OUT/iter_1, reloads the adapter and its optimizer state, and ends with the
+    reference's exports and losses, bit for bit."""
+    out, _ = lora_run
+    model = ["--model", os.path.join(out, "iter_0"), "--ckpt-every", "2"]
+    res = train(tmp_path, *model, "--inject-nan-step", "11", check=False)
+    assert res.returncode != 0 and "global step 11" in res.stderr
+    assert open(os.path.join(tmp_path, "ckpt", "latest")).read() == "iter1_step2"
+    res = train(tmp_path, *model, "--resume")
+    assert "resumed from" in res.stdout and ": iter 1, step 2" in res.stdout
+    assert losses(tmp_path) == losses(out)
+    for f in ("model.safetensors", os.path.join("adapter", "adapter_model.safetensors")):
+        a, b = tensors(os.path.join(out, "iter_2", f)), tensors(os.path.join(tmp_path, "iter_2", f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_lora_two_processes_give_the_losses_of_one(lora_run, tmp_path):
+    """FSDP2 on 2 gloo ranks, the adapters sharded with their layers, dropout keyed by sequence."""
+    out, _ = lora_run
+    train(tmp_path, "--model", os.path.join(out, "iter_0"), "--iterations", "1", nproc=2)
+    one, two = [x for x in losses(out) if x[0] == 0], losses(tmp_path)
+    assert len(one) == len(two) == 4
+    for (_, a), (_, b) in zip(one, two):
+        assert abs(a - b) <= 1e-5 * abs(a), (one, two)
+    a, b = (tensors(os.path.join(o, "iter_1", "model.safetensors")) for o in (out, tmp_path))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_lora_sft_with_gem(lora_run, tmp_path):
+    """--method sft --sft-loss gem trains the adapter too; the export is θ_0 plus it."""
+    out, _ = lora_run
+    train(tmp_path, "--model", os.path.join(out, "iter_0"), "--method", "sft", "--sft-loss", "gem", "--iterations", "1")
+    before = tensors(os.path.join(out, "iter_0", "model.safetensors"))
+    after = tensors(os.path.join(tmp_path, "iter_1", "model.safetensors"))
+    assert sum(not torch.equal(before[k], after[k]) for k in before) == 14
+    assert os.path.exists(os.path.join(tmp_path, "iter_1", "adapter", "adapter_model.safetensors"))
+
+
+def test_lora_flags_in_help_and_bad_values(capsys):
+    import train as train_module
+    with pytest.raises(SystemExit):
+        train_module.parse_args(["-h"])
+    assert "stays full fine-tuning" in " ".join(capsys.readouterr().out.split())
+    cfg = train_module.parse_args(["--lora", "8"])
+    assert (cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) == (16.0, 0.0, ALL_TARGETS)
+    with pytest.raises(SystemExit):
+        train_module.parse_args(["--lora", "8", "--lora-targets", "wq,gate"])
+    assert "--lora-targets 'wq,gate'" in capsys.readouterr().err
