@@ -236,7 +236,7 @@ def theta_master(cfg, t, model, rank):
     At 7B this is 29 GB of host memory; the device holds the bf16 copy (--bf16)."""
     if model is not None:  # gathered from the shards, one tensor at a time, into rank 0's memory
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return ({k: v.float() for k, v in state.items()} if rank == 0 else None), model.args
+        return ({k: v.to("cpu", torch.float32) for k, v in state.items()} if rank == 0 else None), model.args
     src = cfg.model if t == 0 and cfg.model else os.path.join(cfg.out, f"iter_{t}")
     full = load_model(src) if rank == 0 else None
     return (full.state_dict() if rank == 0 else None), from_rank0(lambda: full.args)
@@ -623,7 +623,7 @@ def main(argv=None):
         if cfg.lora:  # θ_{t+1} = θ_t + (α/R) B A in fp32, exported before the checkpoint that names iteration t + 1
             adapters = adapter_state(model)
             if rank == 0:
-                master = merge_weights(master, adapters, cfg.lora_alpha / cfg.lora)
+                merge_weights(master, adapters, cfg.lora_alpha / cfg.lora)  # in place: θ_t becomes θ_{t+1}
                 export_merged(cfg, margs, master, adapters, tok_file, t)
             barrier()
         run.iteration, run.step = t + 1, 0
