@@ -72,6 +72,7 @@ def save_checkpoint(run, model, opt=None, phase_sums=None):
         shutil.rmtree(path)
     barrier()
     state = {"model": model_state(model)}
+    adapters_only = any(".lora_" in k for k in state["model"])
     if opt is not None:
         state["optim"] = get_optimizer_state_dict(model, opt)
     dcp.save(state, checkpoint_id=path)
@@ -79,7 +80,8 @@ def save_checkpoint(run, model, opt=None, phase_sums=None):
     if run.rank == 0:
         size = os.path.getsize(run.metrics) if os.path.exists(run.metrics) else 0
         with open(os.path.join(path, "run.json"), "w") as f:
-            json.dump({**run.state(), "phase_sums": phase_sums or {}, "metrics_bytes": size}, f)
+            json.dump({**run.state(), "phase_sums": phase_sums or {}, "metrics_bytes": size,
+                       "adapters_only": adapters_only}, f)
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(name)
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
@@ -134,6 +136,11 @@ def load_weights(run, model):
     """The model's weights (with --lora: its adapters) from the latest checkpoint, every rank its shards."""
     path = from_rank0(lambda: latest_checkpoint(run.out))
     state = {"model": model_state(model)}
+    wanted, saved = any(".lora_" in k for k in state["model"]), from_rank0(lambda: read_run_json(path).get("adapters_only"))
+    if saved is not None and wanted != saved:
+        raise SystemExit(f"{path}: this checkpoint holds {'LoRA adapters' if saved else 'full weights'}, and this run "
+                         f"{'trains LoRA adapters' if wanted else 'trains every weight'}: resume with the flags the run "
+                         "started with (--lora and its settings)")
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     barrier()

@@ -7,7 +7,7 @@ Self-play fine-tuning, one loop from SFT through T self-play iterations: SPACE (
     python train.py --preset smoke                       # the demo shrunk to under a minute (tests)
     torchrun --nproc_per_node 2 train.py --preset smoke  # the same on 2 processes: FSDP2 over gloo
     python train.py --out out/demo --resume              # continue a killed run where it stopped
-    python train.py --preset smoke --lora 4 --lr 1e-3    # rank-4 LoRA adapters train, merged per iteration
+    python train.py --preset smoke --lora 4 --lr 1e-4    # rank-4 LoRA adapters train, merged per iteration
     torchrun --nproc_per_node 8 train.py --preset paper --model zephyr-7b-sft-full \\
         --data ultrachat_50k.jsonl --method spin --out runs/spin   # SPIN's published recipe (README)
 
@@ -576,11 +576,12 @@ def main(argv=None):
         t = run.iteration
         policy = scorer = None
         if cfg.lora:  # a fresh adapter on θ_t; resumed mid-iteration, the checkpoint's adapter
-            if margs is None:
+            first = margs is None  # this process's first iteration: θ_t from where it lives
+            if first:
                 master, margs = theta_master(cfg, t, None, rank)
             model = None  # the previous iteration's model (or the SFT's) goes before the next is built
             model = lora_model(cfg, margs, master, t, rank, world, device, mesh)
-            if t == 0:
+            if first or t == 0:
                 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 print0(f"LoRA r={cfg.lora} alpha={cfg.lora_alpha:g} on {' '.join(cfg.lora_targets)}: {trainable:,} "
                        f"trainable parameters, {world} process(es) on {device}")
