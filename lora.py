@@ -30,7 +30,6 @@ which runs the forward again, computes the very same mask.
 import json
 import math
 import os
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -85,7 +84,8 @@ def fold(*values) -> int:
 def dropout_mask(rows: torch.Tensor, module_key: int, T: int, d: int, p: float, device) -> torch.Tensor:
     """Keep-mask [B, T, d] of dropout with probability p: element (b, t, c) is a hash of (rows[b],
     module_key, t, c), compared with p. rows: one 32-bit key per sequence (row_keys). Position t's
-    mask does not depend on T, so padding a sequence further does not change it."""
+    mask does not depend on T, so padding a sequence further does not change it. It costs a few int64
+    temporaries of the input's size per adapted layer, which is why --lora-dropout defaults to 0."""
     rows = rows.to(device=device, dtype=torch.int64)
     base = _mix((rows * 0x2545F491 + module_key) & _M32)           # [B], one stream per (sequence, module)
     idx = torch.arange(T * d, device=device, dtype=torch.int64)    # [T*d] = t * d + c
@@ -107,8 +107,8 @@ class LoRALinear(nn.Module):
     """A frozen nn.Linear's weight (and bias) plus the trainable low-rank update (α/r) B A.
 
     The base keeps its dtype (bf16 with --bf16: the memory LoRA exists to save); lora_a and lora_b are
-    fp32 (float64 over a float64 base), the optimizer's only parameters. The state dict keeps the base's names (`...wq.weight`),
-    so a checkpoint of the base loads into the wrapped model unchanged."""
+    fp32 (float64 over a float64 base), the optimizer's only parameters. The state dict keeps the
+    base's names (`...wq.weight`), so a checkpoint of the base loads into the wrapped model unchanged."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, key: int = 0):
         super().__init__()
@@ -199,19 +199,6 @@ def set_dropout_rows(model, keys: torch.Tensor | None):
     for m in lora_modules(model).values():
         m.rows = keys
 
-
-@contextmanager
-def no_dropout(model):
-    """Evaluate a training-mode model without its LoRA dropout."""
-    mods = list(lora_modules(model).values())
-    saved = [m.p for m in mods]
-    for m in mods:
-        m.p = 0.0
-    try:
-        yield
-    finally:
-        for m, p in zip(mods, saved):
-            m.p = p
 
 # -----------------------------------------------------------------------------
 # Merging
