@@ -27,7 +27,9 @@ its greedy replies to the first 8 of them go to OUT/iter_t/samples.jsonl.
 Every --ckpt-every steps the full state (weights, optimizer, step, iteration, phase and the metrics
 file's length) is written with torch.distributed.checkpoint; --resume continues from it, with any
 number of ranks, and ends where an uninterrupted run ends. A NaN or inf loss stops the run before
-the optimizer step, so the last checkpoint stays good. Across nodes OUT must be a shared filesystem.
+the optimizer step, so the last checkpoint stays good. SIGTERM or SIGUSR1 (a cluster preempting the
+job) stops every rank at the next safe point, where the run checkpoints, writes OUT/stopped.json and
+prints the --resume command (Preemption). Across nodes OUT must be a shared filesystem.
 
 With --lora R each iteration trains a fresh rank-R adapter on the frozen θ_t (bf16 on the device with
 --bf16) instead of every weight; at its end the adapter is merged in fp32 into θ_t's fp32 master,
@@ -42,6 +44,9 @@ import argparse
 import json
 import math
 import os
+import shlex
+import signal
+import sys
 import tempfile
 import time
 
@@ -181,6 +186,10 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0, help="demo: which problems make up the splits")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
     p.add_argument("--inject-nan-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: NaN loss at this step
+    # tests: SIGTERM sent by the run itself (the smoke phases last under a second), see Preemption
+    p.add_argument("--inject-signal-step", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--inject-signal-check", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--inject-second-signal", action="store_true", help=argparse.SUPPRESS)
     args, _ = p.parse_known_args(argv)
     preset = dict(RECIPES[args.preset])
     preset.update(preset.pop("by_method", {}).get(args.method, {}))
@@ -197,6 +206,20 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     return args
+
+def check_inputs(cfg):
+    """Files and folders the flags name, checked before any work: one line naming the flag and the path
+    (not a traceback from deep inside the tokenizer or the JSONL reader, after the process group is up)."""
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--tokenizer", cfg.tokenizer)):
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"{flag} {path}: no such file")
+    if cfg.model is not None:
+        if not os.path.isdir(cfg.model):
+            raise SystemExit(f"--model {cfg.model}: no such folder")
+        if cfg.tokenizer is None and not any(os.path.isfile(os.path.join(cfg.model, name))
+                                             for name in ("tokenizer.json", "tokenizer.model")):
+            raise SystemExit(f"--model {cfg.model}: the folder has neither a tokenizer.json nor a tokenizer.model "
+                             "(pass --tokenizer FILE)")
 
 # -----------------------------------------------------------------------------
 # θ_0, and θ_t as the opponent of its round
@@ -296,6 +319,117 @@ def opponent(model, cfg, world, device, pad_id):
     return policy, scorer
 
 # -----------------------------------------------------------------------------
+# Preemption: a signal stops the run at the next safe point, every rank at the same one
+STOPPED = "stopped.json"  # OUT/stopped.json: the run stopped on a signal and can be resumed
+
+
+class Preemption:
+    """SIGTERM (a cluster preempting the job: SLURM, Kubernetes) or SIGUSR1 (SLURM's --signal, ahead of
+    the time limit) asks the run to stop. The handler only notes it; the loop asks at its safe points
+    whether any rank was signalled, through a collective that every rank reaches at the same points
+    (Megatron-LM's --exit-signal-handler does the same), so all stop together: in training after the
+    current optimizer step (the flags ride on the step's one read-back, no extra collective), in
+    generation after the current round of chunks, in evaluation where it stands. A rank that stopped
+    alone would leave the others waiting in their next collective until --dist-timeout. Signals after
+    the first are noted and ignored: the checkpoint being written is never cut short.
+
+    The hidden test flags make the run signal itself: --inject-signal-step K (rank 0, during global
+    step K; under torchrun to its agent, which forwards it to every worker), --inject-signal-check N
+    (the last rank alone, just before the N-th check outside training) and --inject-second-signal (each
+    rank again as its stop's checkpoint starts)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, cfg, rank, world, device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.received = None   # the first signal this rank got
+        self.stopping = None   # the signal the ranks agreed to stop on (the first one any rank got)
+        self.checks = 0
+        for s in self.SIGNALS:
+            signal.signal(s, self.handler)
+
+    def handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            print(f"rank {self.rank}: {name}: stopping at the next safe point, with a checkpoint", flush=True)
+        else:
+            print(f"rank {self.rank}: {name} again: ignored, the run is already stopping", flush=True)
+
+    def flags(self) -> list[float]:
+        """This rank's vote, one number per signal, to be summed over the ranks."""
+        return [float(self.received == s) for s in self.SIGNALS]
+
+    def agree(self, summed) -> bool:
+        """summed: flags() summed over the ranks. True on every rank if any rank was signalled."""
+        for s, n in zip(self.SIGNALS, summed):
+            if n > 0 and self.stopping is None:
+                self.stopping = s
+        return self.stopping is not None
+
+    def __call__(self) -> bool:
+        """A safe point outside training (one round of generation or evaluation chunks): a collective."""
+        self.checks += 1
+        if self.checks == self.cfg.inject_signal_check and self.rank == self.world - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.agree(all_sum(self.flags(), self.device))
+
+    def inject_at_step(self, global_step):
+        """--inject-signal-step: rank 0 sends SIGTERM, under torchrun to its agent, and waits until the
+        signal is back with itself, so the stop lands at this step whatever the forwarding's delay."""
+        if global_step != self.cfg.inject_signal_step or self.rank != 0:
+            return
+        os.kill(os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 60
+        while self.received is None and time.time() < deadline:
+            time.sleep(0.01)
+
+    def before_checkpoint(self):
+        if self.cfg.inject_second_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def resume_command(world):
+    """The command line that continues this run: the same flags with --resume (hidden test flags left out)."""
+    args, words = [], iter(sys.argv[1:])
+    for a in words:
+        if a in ("--inject-nan-step", "--inject-signal-step", "--inject-signal-check"):
+            next(words, None)  # and its value
+        elif not a.startswith("--inject-"):
+            args.append(a)
+    args += [] if "--resume" in args else ["--resume"]
+    if world == 1:
+        return shlex.join([os.path.basename(sys.executable), sys.argv[0], *args])
+    nodes, local = world // int(os.environ.get("LOCAL_WORLD_SIZE", world)), os.environ.get("LOCAL_WORLD_SIZE", world)
+    launcher = ["torchrun", "--nproc_per_node", str(local)] + (["--nnodes", str(nodes)] if nodes > 1 else [])
+    return shlex.join([*launcher, sys.argv[0], *args]) + (" (on every node, with its rendezvous flags)" if nodes > 1 else "")
+
+
+def stop_run(run, model, stop, world):
+    """The ranks agreed to stop: make sure the latest checkpoint is where the run stands (mid-phase,
+    train_phase has written it with the optimizer; at an iteration's start it exists already), record
+    the stop in OUT/stopped.json, say where and how to resume, and exit with 128 + the signal's number,
+    a shell's status for a process the signal ended (under torchrun the agent exits 1 whatever the
+    workers return, so a job script reads stopped.json instead)."""
+    if run.latest != checkpoint_name(run):
+        stop.before_checkpoint()
+        save_checkpoint(run, model)
+    name = signal.Signals(stop.stopping).name
+    if run.rank == 0:
+        ckpt = os.path.join(run.out, "ckpt", run.latest)
+        command = resume_command(world)
+        record = {"signal": name, "phase": run.phase, "iteration": run.iteration, "step": run.step,
+                  "global_step": run.global_step, "checkpoint": ckpt, "resume": command}
+        with open(os.path.join(run.out, STOPPED + ".tmp"), "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(os.path.join(run.out, STOPPED + ".tmp"), os.path.join(run.out, STOPPED))
+        print(f"stopped by {name} at {run.phase} {run.iteration}, step {run.step} (global step {run.global_step}); "
+              f"checkpoint {ckpt}\nresume with: {command}", flush=True)
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(128 + stop.stopping)
+
+# -----------------------------------------------------------------------------
 # Training: one phase is E epochs of one loss over one dataset, with a fresh optimizer and schedule
 
 
@@ -371,10 +505,11 @@ def micro_loss(model, method, cfg, batch, counts, world, beta):
     return loss * world, metrics
 
 
-def train_phase(model, cfg, run, device, pad_id, method, examples, epochs, lr, beta, batch_size, micro_batch_size,
-                seed) -> dict:
+def train_phase(model, cfg, run, device, pad_id, stop, method, examples, epochs, lr, beta, batch_size, micro_batch_size,
+                seed) -> dict | None:
     """E epochs over examples, resuming at run.step; a checkpoint every cfg.ckpt_every steps. Returns
-    the phase's means of the per-step rewards and accuracy (self-play), for the next evaluation's row."""
+    the phase's means of the per-step rewards and accuracy (self-play), for the next evaluation's row;
+    None where a signal stopped it (stop: Preemption) after an optimizer step, with a checkpoint there."""
     steps_per_epoch = len(examples) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} examples do not fill one global batch of {batch_size} (--batch-size)")
@@ -413,16 +548,18 @@ def train_phase(model, cfg, run, device, pad_id, method, examples, epochs, lr, b
                 loss = loss * math.nan
                 metrics["loss"] = metrics["loss"] * math.nan
             loss.backward()
+            stop.inject_at_step(run.global_step)
             for key, v in metrics.items():
                 step_sums[key] = step_sums.get(key, 0.0) + v
             n_tokens += sum(len(ids) for ex in micro for ids, _ in ex["seqs"])
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         keys = sorted(step_sums)
-        # the step's one read-back: the metrics summed over the ranks, and the gradient norm (the same
-        # global value on every rank, so its sum over the ranks / world is itself)
-        *values, norm = all_sum([step_sums[key] for key in keys] + [n_tokens, norm / run.world], device)
+        # the step's one read-back: the metrics summed over the ranks, the gradient norm (the same
+        # global value on every rank, so its sum over the ranks / world is itself), and the stop votes
+        values = all_sum([step_sums[key] for key in keys] + [n_tokens, norm / run.world] + stop.flags(), device)
         totals = dict(zip(keys + ["tokens"], values))
+        norm, stopping = values[len(keys) + 1], stop.agree(values[len(keys) + 2:])
         if not (math.isfinite(totals["loss"]) and math.isfinite(norm)):
             raise FloatingPointError(
                 f"loss is {totals['loss']} (gradient norm {norm}) at {run.phase} {run.iteration}, step {run.step} (global step "
@@ -442,6 +579,11 @@ def train_phase(model, cfg, run, device, pad_id, method, examples, epochs, lr, b
             run.log({"step": run.global_step, "phase": run.phase, "iteration": run.iteration, "method": method,
                      "epoch": epoch, **{k: totals[k] for k in keys}, "lr": opt.param_groups[0]["lr"], **extra,
                      "grad_norm": norm, "tokens/s": totals["tokens"] / (time.time() - t0)})
+        if stopping and run.step < total:  # at the phase's end the loop's own checkpoint is the stop's
+            stop.before_checkpoint()
+            save_checkpoint(run, model, opt, sums)
+            bar.close()
+            return None
         if run.step % cfg.ckpt_every == 0 and run.step < total:
             save_checkpoint(run, model, opt, sums)
     bar.close()
@@ -525,7 +667,9 @@ def encode_phase_data(tok, cfg, method, chats, records):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    check_inputs(cfg)
     rank, world, device, mesh = setup_distributed(cfg.shard_size, cfg.dist_timeout)
+    stop = Preemption(cfg, rank, world, device)  # from here on a signal waits for the next safe point
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
     check_shared_out(cfg.out, rank, world)
@@ -546,6 +690,8 @@ def main(argv=None):
         run.phase = "iter"
     if resuming:
         resume(run)  # where the run stood; the weights follow once the model is built
+        if rank == 0 and os.path.exists(os.path.join(cfg.out, STOPPED)):
+            os.remove(os.path.join(cfg.out, STOPPED))  # it is resumed: no longer a stopped run
 
     # the model: fp32 master weights; bf16 happens in FSDP's mixed precision or autocast. With --lora
     # the iterations build their own model from θ_t (lora_model), so the full model is built only for
@@ -562,8 +708,9 @@ def main(argv=None):
     master = margs = None  # --lora: θ_t in fp32, whole, on rank 0's host, and its shape (theta_master)
     if run.phase == "sft":
         examples = encode_phase_data(tok, cfg, "sft", sft_chats, None)
-        train_phase(model, cfg, run, device, tok.pad_id, "sft", examples, cfg.sft_epochs, cfg.sft_lr, None,
-                    cfg.sft_batch_size, cfg.sft_batch_size, seed=cfg.seed)
+        if train_phase(model, cfg, run, device, tok.pad_id, stop, "sft", examples, cfg.sft_epochs, cfg.sft_lr, None,
+                       cfg.sft_batch_size, cfg.sft_batch_size, seed=cfg.seed) is None:
+            stop_run(run, model, stop, world)
         run.phase, run.iteration, run.step = "iter", 0, 0
         if cfg.lora:  # θ_0 leaves the full model for its export, which comes before its checkpoint
             master, margs = theta_master(cfg, 0, model, rank)
@@ -571,6 +718,8 @@ def main(argv=None):
                 export(model, tok_file, os.path.join(cfg.out, "iter_0"), state_dict=master)
             barrier()
         save_checkpoint(run, model)
+        if stop.stopping:
+            stop_run(run, model, stop, world)
 
     while True:
         t = run.iteration
@@ -592,7 +741,10 @@ def main(argv=None):
         if run.step == 0:  # the start of iteration t: evaluate and export θ_t
             model.eval()
             policy, scorer = opponent(model, cfg, world, device, tok.pad_id)
-            result = {"iteration": t, **evaluate(policy, scorer, tok, held_out, cfg, rank, world, exact=not cfg.data)}
+            measured = evaluate(policy, scorer, tok, held_out, cfg, rank, world, exact=not cfg.data, stop=stop)
+            if measured is None:  # stopped where it stood: a resumed run evaluates θ_t again
+                stop_run(run, model, stop, world)
+            result = {"iteration": t, **measured}
             if t > 0:  # what training iteration t - 1 measured
                 result.update(run.trained)
             run.summary.append(result)
@@ -616,19 +768,25 @@ def main(argv=None):
             if policy is None:
                 model.eval()
                 policy, scorer = opponent(model, cfg, world, device, tok.pad_id)
-            records = self_play_round(policy, scorer, tok, selfplay_chats, cfg, t, rank, world)
+            records = self_play_round(policy, scorer, tok, selfplay_chats, cfg, t, rank, world, stop)
+            if records is None:  # stopped after a round of chunks, which are on disk
+                stop_run(run, model, stop, world)
         del policy, scorer
         examples = encode_phase_data(tok, cfg, cfg.method, selfplay_chats, records)
-        run.trained = train_phase(model, cfg, run, device, tok.pad_id, cfg.method, examples, cfg.epochs, at(cfg.lr, t),
-                                  at(cfg.beta, t), cfg.batch_size, cfg.micro_batch_size, seed=cfg.seed * 1000 + t + 1)
+        means = train_phase(model, cfg, run, device, tok.pad_id, stop, cfg.method, examples, cfg.epochs, at(cfg.lr, t),
+                            at(cfg.beta, t), cfg.batch_size, cfg.micro_batch_size, seed=cfg.seed * 1000 + t + 1)
+        if means is None:
+            stop_run(run, model, stop, world)
         if cfg.lora:  # θ_{t+1} = θ_t + (α/R) B A in fp32, exported before the checkpoint that names iteration t + 1
             adapters = adapter_state(model)
             if rank == 0:
                 merge_weights(master, adapters, cfg.lora_alpha / cfg.lora)  # in place: θ_t becomes θ_{t+1}
                 export_merged(cfg, margs, master, adapters, tok_file, t)
             barrier()
-        run.iteration, run.step = t + 1, 0
+        run.trained, run.iteration, run.step = means, t + 1, 0
         save_checkpoint(run, model)
+        if stop.stopping:
+            stop_run(run, model, stop, world)
 
     if rank == 0:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
