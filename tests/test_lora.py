@@ -346,15 +346,21 @@ def test_every_loss_of_train_py_reaches_the_adapters_alone(one_thread, method):
 
 LORA = ["--lora", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--activation-checkpointing", "--lr", "1e-3",
         "--mix-previous", "1", "--sft-weight", "0.1", "--gen-batch", "16"]
-PORT = [29617]
+
+
+def free_port():
+    """A port no other process holds now: other test runs share the machine."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_train(out, *extra, nproc=1, check=True, flags=LORA):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [os.path.join(ROOT, "train.py"), "--preset", "smoke", *flags, "--out", str(out), *extra]
     if nproc > 1:
-        PORT[0] += 1
-        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(PORT[0]), *cmd]
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *cmd]
     res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check and res.returncode != 0:
         raise AssertionError(f"train.py failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
