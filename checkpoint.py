@@ -6,6 +6,10 @@ the exports of θ_t that the ecosystem opens.
     OUT/ckpt/latest          the name of the newest whole checkpoint, switched by atomic rename
     OUT/ckpt/<phase><t>_step<k>/   DCP shards of weights (+ optimizer mid-phase) and run.json
     OUT/iter_t/              θ_t in the Hugging Face layout and its tokenizer files (export)
+    OUT/iter_t/adapter/      with --lora: the adapter iteration t-1 trained, in PEFT's format
+
+With --lora a checkpoint of an iteration holds the adapters alone (and their optimizer state): the
+frozen base is θ_t, which is on disk already, in OUT/iter_t (or --model for θ_0).
 
 A run killed at any moment resumes from `latest` and ends where an uninterrupted run ends: the
 checkpoint holds where the run was (phase, iteration, step), what it had measured, and how long
@@ -16,7 +20,7 @@ import os
 import shutil
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from model import save_model
@@ -43,6 +47,14 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
 
+def model_state(model) -> dict:
+    """What a checkpoint holds of the model: every weight, or with LoRA adapters on it the adapters
+    alone (the frozen base is θ_t, exported already)."""
+    state = get_model_state_dict(model)
+    adapters = {k: v for k, v in state.items() if ".lora_" in k}
+    return adapters or state
+
+
 def checkpoint_name(run):
     return f"{run.phase}{run.iteration}_step{run.step}"
 
@@ -59,7 +71,8 @@ def save_checkpoint(run, model, opt=None, phase_sums=None):
     if run.rank == 0 and os.path.exists(path):
         shutil.rmtree(path)
     barrier()
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": model_state(model)}
+    adapters_only = any(".lora_" in k for k in state["model"])
     if opt is not None:
         state["optim"] = get_optimizer_state_dict(model, opt)
     dcp.save(state, checkpoint_id=path)
@@ -67,7 +80,8 @@ def save_checkpoint(run, model, opt=None, phase_sums=None):
     if run.rank == 0:
         size = os.path.getsize(run.metrics) if os.path.exists(run.metrics) else 0
         with open(os.path.join(path, "run.json"), "w") as f:
-            json.dump({**run.state(), "phase_sums": phase_sums or {}, "metrics_bytes": size}, f)
+            json.dump({**run.state(), "phase_sums": phase_sums or {}, "metrics_bytes": size,
+                       "adapters_only": adapters_only}, f)
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(name)
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
@@ -101,27 +115,41 @@ def resume_phase(run, model, opt) -> dict:
     return from_rank0(lambda: read_run_json(path)["phase_sums"])
 
 
-def resume(run, model):
-    """Put the run and the weights back where the latest checkpoint left them; drop the metric lines
-    logged after it (they will be logged again). Rank 0 reads where, every rank loads its shards."""
+def resume(run, model=None):
+    """Put the run back where the latest checkpoint left it, and the weights with it (or later, with
+    load_weights, once the model exists: with --lora it is built from θ_t for the iteration the run is
+    in); drop the metric lines logged after it (they will be logged again). Rank 0 reads where."""
     path = from_rank0(lambda: latest_checkpoint(run.out))
     saved = from_rank0(lambda: read_run_json(path))
     for k in run.state():
         setattr(run, k, saved[k])
     run.latest = os.path.basename(path)
-    state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    barrier()
+    if model is not None:
+        load_weights(run, model)
     if run.rank == 0 and os.path.exists(run.metrics):
         with open(run.metrics, "r+") as f:
             f.truncate(saved["metrics_bytes"])
     print0(f"resumed from {path}: {run.phase} {run.iteration}, step {run.step}")
 
 
-def export(policy, tok, folder, source_dir=None):
+def load_weights(run, model):
+    """The model's weights (with --lora: its adapters) from the latest checkpoint, every rank its shards."""
+    path = from_rank0(lambda: latest_checkpoint(run.out))
+    state = {"model": model_state(model)}
+    wanted, saved = any(".lora_" in k for k in state["model"]), from_rank0(lambda: read_run_json(path).get("adapters_only"))
+    if saved is not None and wanted != saved:
+        raise SystemExit(f"{path}: this checkpoint holds {'LoRA adapters' if saved else 'full weights'}, and this run "
+                         f"{'trains LoRA adapters' if wanted else 'trains every weight'}: resume with the flags the run "
+                         "started with (--lora and its settings)")
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    barrier()
+
+
+def export(policy, tok, folder, source_dir=None, state_dict=None):
     """θ_t in the Hugging Face layout (sharded above 5 GB) with its tokenizer files, into folder
-    (OUT/iter_t/). Files only: what the model says (samples.jsonl) is the loop's business. Rank 0 only."""
-    save_model(policy, folder)
+    (OUT/iter_t/). Files only: what the model says (samples.jsonl) is the loop's business. Rank 0 only.
+    state_dict: the weights to write instead of policy's (--lora: the fp32 master)."""
+    save_model(policy, folder, state_dict=state_dict)
     # the tokenizer files transformers, vLLM and lm-eval read (the chat template included); --model's own are copied
     export_tokenizer(tok, folder, source_dir=source_dir, model_max_length=policy.args.max_seq_len)

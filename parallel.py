@@ -149,6 +149,8 @@ def frozen_copy(model, dtype, device) -> Transformer:
     collective per block per pass) would deadlock on."""
     state = {}
     for name, t in model.state_dict().items():  # under FSDP, shards: gather one tensor at a time
+        if ".lora_" in name:
+            continue  # --lora: θ_t is the base; a fresh adapter (B = 0) adds nothing to it
         t = t.full_tensor() if hasattr(t, "full_tensor") else t
         state[name] = t.to(device=device, dtype=dtype, copy=True)
     with torch.device("meta"):

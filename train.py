@@ -7,6 +7,7 @@ Self-play fine-tuning, one loop from SFT through T self-play iterations: SPACE (
     python train.py --preset smoke                       # the demo shrunk to under a minute (tests)
     torchrun --nproc_per_node 2 train.py --preset smoke  # the same on 2 processes: FSDP2 over gloo
     python train.py --out out/demo --resume              # continue a killed run where it stopped
+    python train.py --preset smoke --lora 4 --lr 1e-4    # rank-4 LoRA adapters train, merged per iteration
     torchrun --nproc_per_node 8 train.py --preset paper --model zephyr-7b-sft-full \\
         --data ultrachat_50k.jsonl --method spin --out runs/spin   # SPIN's published recipe (README)
 
@@ -30,9 +31,14 @@ the optimizer step, so the last checkpoint stays good. SIGTERM or SIGUSR1 (a clu
 job) stops every rank at the next safe point, where the run checkpoints, writes OUT/stopped.json and
 prints the --resume command (Preemption). Across nodes OUT must be a shared filesystem.
 
-This file is the loop, read top to bottom. Three ideas live beside it: selfplay.py (the round of
-step 1, and evaluation), parallel.py (process group, FSDP2/HSDP, rank-0 decisions) and
-checkpoint.py (resume checkpoints and exports).
+With --lora R each iteration trains a fresh rank-R adapter on the frozen θ_t (bf16 on the device with
+--bf16) instead of every weight; at its end the adapter is merged in fp32 into θ_t's fp32 master,
+which rank 0 keeps in host memory, giving θ_{t+1}. OUT/iter_{t+1}/ is the merged model in fp32, and
+OUT/iter_{t+1}/adapter/ the adapter in PEFT's format, on top of OUT/iter_t.
+
+This file is the loop, read top to bottom. Four ideas live beside it: selfplay.py (the round of
+step 1, and evaluation), parallel.py (process group, FSDP2/HSDP, rank-0 decisions),
+checkpoint.py (resume checkpoints and exports) and lora.py (the adapter, its merge and its format).
 """
 import argparse
 import datetime
@@ -48,11 +54,13 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from tqdm import tqdm
 
 import data
-from checkpoint import Run, checkpoint_name, export, latest_checkpoint, resume, resume_phase, save_checkpoint
+from checkpoint import Run, checkpoint_name, export, latest_checkpoint, load_weights, resume, resume_phase, save_checkpoint
+from lora import (ALL_TARGETS, adapter_state, add_lora, init_adapters, lora_modules, merge_weights, parse_targets, row_keys,
+                  save_adapter, set_dropout_rows)
 from model import ModelArgs, Transformer, load_model
 from parallel import (all_sum, barrier, check_shared_out, from_rank0, frozen_copy, parallelize, print0,
                       setup_distributed, to_device)
@@ -159,6 +167,16 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 compute (FSDP mixed precision or autocast)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in backward")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="train rank-R LoRA adapters instead of every weight, in the self-play iterations and "
+                        "--method sft (GEM too): a fresh adapter per iteration on the frozen θ_t, merged in fp32 "
+                        "into θ_{t+1} at its end and saved beside it in PEFT's format (OUT/iter_{t+1}/adapter). The "
+                        "demo's SFT from scratch that makes θ_0 stays full fine-tuning: an adapter on random "
+                        "weights learns little. 0: off. A variant, not the papers' setting (README)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA's α: the update is (α/R) B A (default 2R)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    p.add_argument("--lora-targets", default=" ".join(ALL_TARGETS),
+                   help="the projections that get adapters: some of wq wk wv wo (attention) w1 w2 w3 (feed-forward)")
     p.add_argument("--shard-size", type=int, default=0,
                    help="ranks per FSDP shard group; fewer than all gives HSDP (e.g. GPUs per node: shard within a "
                         "node, replicate across nodes). 0: all ranks")
@@ -184,8 +202,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.lr = schedule(args.lr, "--lr", p)
     args.beta = schedule(args.beta or BETA[args.method] or "0", "--beta", p)
+    if args.lora < 0 or not 0 <= args.lora_dropout < 1:
+        p.error(f"--lora {args.lora} --lora-dropout {args.lora_dropout}: need R >= 0 and a dropout in [0, 1)")
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora
     try:
         args.chat_template_arg = parse_template_args(args.chat_template_arg)
+        args.lora_targets = parse_targets(args.lora_targets)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -235,6 +258,52 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and not dist.is_initialized())
 
 
+def theta_master(cfg, t, model, rank):
+    """--lora: θ_t's weights in fp32, whole, on rank 0's host (None on the other ranks), and its
+    ModelArgs (every rank). From the model the SFT phase just trained (θ_0 of the demo), from --model
+    (θ_0), or from OUT/iter_t, which is exported before any checkpoint of iteration t is written.
+    At 7B this is 29 GB of host memory; the device holds the bf16 copy (--bf16)."""
+    if model is not None:  # gathered from the shards, one tensor at a time, into rank 0's memory
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return ({k: v.to("cpu", torch.float32) for k, v in state.items()} if rank == 0 else None), model.args
+    src = cfg.model if t == 0 and cfg.model else os.path.join(cfg.out, f"iter_{t}")
+    full = load_model(src) if rank == 0 else None
+    return (full.state_dict() if rank == 0 else None), from_rank0(lambda: full.args)
+
+
+def lora_model(cfg, margs, master, t, rank, world, device, mesh):
+    """Iteration t's model: θ_t frozen (bf16 with --bf16: the memory LoRA exists to save) with a fresh
+    adapter on every --lora-targets projection (B = 0, A seeded by (seed, t)), sharded as build_model
+    shards, the adapters with their layers. Built on the meta device, so the device never holds an
+    fp32 copy of the base; rank 0 hands out master (θ_t in fp32) tensor by tensor."""
+    with torch.device("meta"):
+        model = Transformer(margs)
+    if cfg.bf16:
+        model = model.to(torch.bfloat16)
+    add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed, t)
+    model = parallelize(model, world, mesh, cfg.bf16, cfg.activation_checkpointing)
+    model.to_empty(device=device)
+    if world == 1:
+        model.load_state_dict(master, strict=False)  # each fp32 tensor copied into its (bf16) place
+    else:
+        # a copy of the dict: set_model_state_dict puts this rank's shards into the dict it is given
+        set_model_state_dict(model, dict(master) if rank == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    init_adapters(model, cfg.seed, t)
+    return model
+
+
+def export_merged(cfg, margs, master, adapters, tok, t):
+    """θ_{t+1} = θ_t + (α/R) B A, exported by rank 0: OUT/iter_{t+1}/ the merged model in fp32 (as every
+    export of a --lora run: the master's precision), OUT/iter_{t+1}/adapter/ the adapter on OUT/iter_t."""
+    folder = os.path.join(cfg.out, f"iter_{t + 1}")
+    with torch.device("meta"):
+        shape = Transformer(margs)  # what save_model reads of a model: its args
+    export(shape, tok, folder, source_dir=cfg.model, state_dict=master)
+    save_adapter(os.path.join(folder, "adapter"), adapters, cfg.lora, cfg.lora_alpha, cfg.lora_targets,
+                 base_model_name_or_path=os.path.abspath(os.path.join(cfg.out, f"iter_{t}")), dropout=cfg.lora_dropout)
+
+
 def opponent(model, cfg, world, device, pad_id):
     """θ_t for its round: (policy, scorer), scorer(seqs) -> s_θt of each (ids, loss_mask).
 
@@ -245,8 +314,8 @@ def opponent(model, cfg, world, device, pad_id):
     autocast with --bf16; under FSDP the gathered copy, whose bf16 weights are those FSDP's bf16
     policy computes with."""
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    if world == 1:
-        policy, live = (model if dtype == torch.float32 else frozen_copy(model, dtype, device)), model
+    if world == 1:  # with --lora the live model's base is already in dtype, and its fresh adapter adds 0
+        policy, live = (model if dtype == torch.float32 or cfg.lora else frozen_copy(model, dtype, device)), model
     else:
         policy = live = frozen_copy(model, dtype, device)
 
@@ -371,9 +440,10 @@ def stop_run(run, model, stop, world):
 
 
 def make_optimizer(model, cfg, lr):
+    params = [p for p in model.parameters() if p.requires_grad]  # with --lora the adapters alone: no state for the base
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
 def lr_at(step, total, peak, cfg):
@@ -454,12 +524,15 @@ def train_phase(model, cfg, run, device, pad_id, stop, method, examples, epochs,
     # the phase's per-step rewards and accuracy, summed; mid-phase they go on from the checkpoint's
     sums = resume_phase(run, model, opt) if run.step > 0 else {}
     bar = tqdm(total=total, initial=run.step, desc=f"{run.phase} {run.iteration} ({method})", disable=run.rank != 0, leave=False)
+    model.train()
+    dropout = any(m.p > 0 for m in lora_modules(model).values())
     order, order_epoch = None, None
     while run.step < total:
         epoch, k = divmod(run.step, steps_per_epoch)
         if order_epoch != epoch:
             order, order_epoch = data.batches(len(examples), batch_size, seed, epoch, run.rank, run.world), epoch
-        local = [examples[i] for i in order[k]]
+        local_ids = order[k]
+        local = [examples[i] for i in local_ids]
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(run.step, total, lr, cfg)
@@ -469,6 +542,10 @@ def train_phase(model, cfg, run, device, pad_id, stop, method, examples, epochs,
         step_sums, n_tokens = {}, 0
         for i in range(0, len(local), micro_batch_size):
             micro = local[i:i + micro_batch_size]
+            if dropout:  # LoRA dropout's masks, keyed by each sequence's number in the data, not its slot here
+                K1 = len(micro[0]["seqs"])
+                set_dropout_rows(model, row_keys(cfg.seed, run.iteration, run.step,
+                                                 [e * K1 + j for e in local_ids[i:i + micro_batch_size] for j in range(K1)]))
             if run.world > 1:  # by default gradients are reduce-scattered once per step, after the last micro-batch
                 model.set_requires_gradient_sync(cfg.reduce_every_micro_batch or i + micro_batch_size >= len(local))
             with autocast(cfg, device):
@@ -654,24 +731,37 @@ def main(argv=None):
         open(run.metrics, "w").close()
     tok, sft_chats, selfplay_chats, held_out = load_data(cfg, rank)
 
-    # the model: fp32 master weights; bf16 happens in FSDP's mixed precision or autocast
-    model = build_model(cfg, tok, rank, world, device, mesh)
-    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {world} process(es) on {device}")
     if cfg.model:
         run.phase = "iter"
     if resuming:
-        resume(run, model)
+        resume(run)  # where the run stood; the weights follow once the model is built
         if rank == 0 and os.path.exists(os.path.join(cfg.out, STOPPED)):
             os.remove(os.path.join(cfg.out, STOPPED))  # it is resumed: no longer a stopped run
-    elif run.phase == "iter":
-        save_checkpoint(run, model)  # θ_0 = --model: from here on every kill can resume
 
+    # the model: fp32 master weights; bf16 happens in FSDP's mixed precision or autocast. With --lora
+    # the iterations build their own model from θ_t (lora_model), so the full model is built only for
+    # the SFT that makes θ_0
+    model = None
+    if not (cfg.lora and run.phase == "iter"):
+        model = build_model(cfg, tok, rank, world, device, mesh)
+        print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {world} process(es) on {device}")
+        if resuming:
+            load_weights(run, model)
+        elif run.phase == "iter":
+            save_checkpoint(run, model)  # θ_0 = --model: from here on every kill can resume
+
+    master = margs = None  # --lora: θ_t in fp32, whole, on rank 0's host, and its shape (theta_master)
     if run.phase == "sft":
         examples = encode_phase_data(tok, cfg, "sft", sft_chats, None)
         if train_phase(model, cfg, run, device, tok.pad_id, stop, "sft", examples, cfg.sft_epochs, cfg.sft_lr, None,
                        cfg.sft_batch_size, cfg.sft_batch_size, seed=cfg.seed) is None:
             stop_run(run, model, stop, world)
         run.phase, run.iteration, run.step = "iter", 0, 0
+        if cfg.lora:  # θ_0 leaves the full model for its export, which comes before its checkpoint
+            master, margs = theta_master(cfg, 0, model, rank)
+            if rank == 0:
+                export(model, tok, os.path.join(cfg.out, "iter_0"), state_dict=master)
+            barrier()
         save_checkpoint(run, model)
         if stop.stopping:
             stop_run(run, model, stop, world)
@@ -679,7 +769,22 @@ def main(argv=None):
     while True:
         t = run.iteration
         policy = scorer = None
+        if cfg.lora:  # a fresh adapter on θ_t; resumed mid-iteration, the checkpoint's adapter
+            first = margs is None  # this process's first iteration: θ_t from where it lives
+            if first:
+                master, margs = theta_master(cfg, t, None, rank)
+            model = None  # the previous iteration's model (or the SFT's) goes before the next is built
+            model = lora_model(cfg, margs, master, t, rank, world, device, mesh)
+            if first or t == 0:
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                print0(f"LoRA r={cfg.lora} alpha={cfg.lora_alpha:g} on {' '.join(cfg.lora_targets)}: {trainable:,} "
+                       f"trainable parameters, {world} process(es) on {device}")
+            if run.latest is None:
+                save_checkpoint(run, model)  # θ_0 = --model: from here on every kill can resume
+            elif run.step > 0 and run.latest == checkpoint_name(run):
+                load_weights(run, model)
         if run.step == 0:  # the start of iteration t: evaluate and export θ_t
+            model.eval()
             policy, scorer = opponent(model, cfg, world, device, tok.pad_id)
             measured = evaluate(policy, scorer, tok, held_out, cfg, rank, world, exact=not cfg.data, stop=stop)
             if measured is None:  # stopped where it stood: a resumed run evaluates θ_t again
@@ -692,7 +797,10 @@ def main(argv=None):
             print0(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
             if rank == 0:
                 folder = os.path.join(cfg.out, f"iter_{t}")
-                export(policy, tok, folder, source_dir=cfg.model)
+                if not cfg.lora:
+                    export(policy, tok, folder, source_dir=cfg.model)
+                elif t == 0 and cfg.model:  # --lora exports θ_t as it is made (export_merged); θ_0 is --model's, in fp32
+                    export(policy, tok, folder, source_dir=cfg.model, state_dict=master)
                 # what θ_t says: its greedy replies to the first held-out prompts; the first one printed
                 samples = greedy_samples(policy, tok, held_out, cfg)
                 data.save_jsonl(os.path.join(folder, "samples.jsonl"), samples)
@@ -703,6 +811,7 @@ def main(argv=None):
         records = None
         if cfg.method in SELF_PLAY:
             if policy is None:
+                model.eval()
                 policy, scorer = opponent(model, cfg, world, device, tok.pad_id)
             records, changed = self_play_round(policy, scorer, tok, selfplay_chats, cfg, t, rank, world, stop)
             if records is None:  # stopped after a round of chunks, which are on disk
@@ -716,6 +825,12 @@ def main(argv=None):
                             at(cfg.beta, t), cfg.batch_size, cfg.micro_batch_size, seed=cfg.seed * 1000 + t + 1)
         if means is None:
             stop_run(run, model, stop, world)
+        if cfg.lora:  # θ_{t+1} = θ_t + (α/R) B A in fp32, exported before the checkpoint that names iteration t + 1
+            adapters = adapter_state(model)
+            if rank == 0:
+                merge_weights(master, adapters, cfg.lora_alpha / cfg.lora)  # in place: θ_t becomes θ_{t+1}
+                export_merged(cfg, margs, master, adapters, tok, t)
+            barrier()
         run.trained, run.iteration, run.step = means, t + 1, 0
         save_checkpoint(run, model)
         if stop.stopping:
