@@ -1,5 +1,5 @@
 """
-The Mistral transformer, written out by hand, and its checkpoints.
+The Mistral transformer, written out by hand, the families that share its shape, and their checkpoints.
 
     from model import ModelArgs, Transformer, PRESETS, load_model, save_model
     model = load_model("path/to/zephyr-7b-sft-full", dtype=torch.bfloat16, device="cuda")
@@ -10,12 +10,21 @@ The architecture (Jiang et al. 2023, "Mistral 7B") in the names of Mistral's own
 pre-norm blocks of grouped-query attention with rotary positions and a sliding window,
 followed by a SwiGLU feed-forward; RMSNorm everywhere; an untied (or tied) output head.
 
+Today's chat models are the same network with a few switches in ModelArgs, each written where it acts:
+  - Llama, Llama 3.x, SmolLM2 (model_type "llama"): no sliding window; Llama 3.1+ rescales the RoPE
+    frequencies (rope_scaling, rope_type "llama3"); the 1B and 3B sizes tie the output head.
+  - Qwen2, Qwen2.5 ("qwen2"): biases on the q, k and v projections (qkv_bias).
+  - Qwen3 ("qwen3"): an RMSNorm over each head of q and k before RoPE (qk_norm), and a head_dim that
+    is not dim / n_heads.
+Other families (Gemma, Phi, mixture-of-experts, ...), other RoPE scalings and Qwen's per-layer sliding
+windows are refused by name when the config is read.
+
 Checkpoints: Hugging Face folders (config.json + model.safetensors, or shards listed in
-model.safetensors.index.json; model_type "mistral" or "llama") and Mistral's native folders
-(params.json + consolidated.safetensors) load; save_model writes the Hugging Face layout, in
-5 GB shards as transformers does, so a trained model goes straight to transformers, lm-eval or
-vLLM. A damaged file (truncated, not safetensors, JSON that does not parse) is reported with its
-path and the reason. This file needs only torch and safetensors.
+model.safetensors.index.json; model_type "mistral", "llama", "qwen2" or "qwen3") and Mistral's native
+folders (params.json + consolidated.safetensors) load; save_model writes the Hugging Face layout under
+the model's own model_type, in 5 GB shards as transformers does, so a trained model goes straight to
+transformers, lm-eval or vLLM. A damaged file (truncated, not safetensors, JSON that does not parse) is
+reported with its path and the reason. This file needs only torch and safetensors.
 """
 import json
 import math
@@ -28,56 +37,82 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# The Hugging Face families this file reproduces: the class transformers builds for each model_type,
+# and the switches that model_type implies (q/k/v biases, q/k norms). Everything else is the same network.
+FAMILIES = {
+    "mistral": dict(architecture="MistralForCausalLM", qkv_bias=False, qk_norm=False),
+    "llama": dict(architecture="LlamaForCausalLM", qkv_bias=False, qk_norm=False),
+    "qwen2": dict(architecture="Qwen2ForCausalLM", qkv_bias=True, qk_norm=False),
+    "qwen3": dict(architecture="Qwen3ForCausalLM", qkv_bias=False, qk_norm=True),
+}
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int = 8
-    head_dim: int = 128
+    head_dim: int = 128                 # Mistral, Llama, Qwen2: dim / n_heads; Qwen3 sets its own
     hidden_dim: int = 14336
     vocab_size: int = 32000
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # Llama 3.x's rope_type "llama3": the four LLAMA3_ROPE numbers
     sliding_window: int | None = 4096   # a token sees itself and the W-1 tokens before it; None = full causal
     max_seq_len: int = 32768            # longest sequence the sampler's KV cache may hold
     tie_embeddings: bool = False        # output.weight is tok_embeddings.weight
-    model_type: str = "mistral"         # "llama" is the same network without a sliding window
+    qkv_bias: bool = False              # Qwen2: wq, wk and wv have biases (wo does not)
+    qk_norm: bool = False               # Qwen3: RMSNorm over each head of q and of k, before RoPE
+    model_type: str = "mistral"         # a key of FAMILIES: the config.json a save writes
     bos_id: int = 1
     eos_id: int = 2
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
-        """Read a transformers config.json (MistralConfig or LlamaConfig)."""
+        """Read a transformers config.json of one of FAMILIES (transformers 4.x or 5.x spelling)."""
         model_type = cfg.get("model_type")
-        if model_type not in ("mistral", "llama"):
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported (expected 'mistral' or 'llama')")
+        if model_type not in FAMILIES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported (expected one of "
+                             f"{', '.join(repr(k) for k in FAMILIES)})")
 
         def need(key):
             if key not in cfg:
                 raise ValueError(f"{source}: required field {key!r} is missing")
             return cfg[key]
 
+        # switches of transformers' classes that change the network and that this file does not build
+        # (Qwen2's class has its q/k/v biases whatever attention_bias says, and none on o_proj)
+        refused = {"hidden_act": lambda v: v not in (None, "silu"), "mlp_bias": bool,
+                   "attention_bias": lambda v: bool(v) and model_type != "qwen2",
+                   "use_sliding_window": bool, "partial_rotary_factor": lambda v: v not in (None, 1, 1.0),
+                   "layer_types": lambda v: any(x != "full_attention" for x in v or [])}
+        for key, unsupported in refused.items():
+            if unsupported(cfg.get(key)):
+                raise ValueError(f"{source}: {key} = {json.dumps(cfg[key])} is not supported for model_type "
+                                 f"{model_type!r}" + (" (Qwen's per-layer sliding windows; the published Qwen2.5 "
+                                                      "and Qwen3 models have it false)" if key == "use_sliding_window" else ""))
         dim, n_heads = need("hidden_size"), need("num_attention_heads")
-        # transformers 4.x keeps rope_theta at the top level, 5.x inside rope_parameters
-        rope = cfg.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
-            raise ValueError(f"{source}: RoPE scaling {rope or cfg.get('rope_scaling')} is not supported")
-        window = cfg.get("sliding_window") if model_type == "mistral" else None
+        rope_theta, rope_scaling = _read_rope(cfg, source)
+        # transformers' Qwen3Config defaults head_dim to 128 whatever dim / n_heads is; the others derive it
+        head_dim = cfg.get("head_dim") or (128 if model_type == "qwen3" else dim // n_heads)
         return cls(
             dim=dim,
             n_layers=need("num_hidden_layers"),
             n_heads=n_heads,
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or dim // n_heads,
+            head_dim=head_dim,
             hidden_dim=need("intermediate_size"),
             vocab_size=need("vocab_size"),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            sliding_window=window,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
             max_seq_len=cfg.get("max_position_embeddings", 32768),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=FAMILIES[model_type]["qkv_bias"],
+            qk_norm=FAMILIES[model_type]["qk_norm"],
             model_type=model_type,
             bos_id=_token_id(cfg, "bos_token_id", 1),
             eos_id=_token_id(cfg, "eos_token_id", 2),
@@ -100,9 +135,22 @@ class ModelArgs:
             raise ValueError(f"{source}: required field {e.args[0]!r} is missing") from None
 
     def to_hf(self) -> dict:
-        """A config.json that transformers' MistralForCausalLM (or LlamaForCausalLM) loads unchanged."""
+        """A config.json that transformers loads unchanged as this model_type's class (MistralForCausalLM,
+        LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM), in both transformers 4.x and 5.x spellings."""
+        family = FAMILIES.get(self.model_type)
+        if family is None:
+            raise ValueError(f"model_type {self.model_type!r} has no Hugging Face class here (one of {', '.join(FAMILIES)})")
+        # the config names the class; the class decides the network. Switches that disagree with it
+        # would give a checkpoint that transformers loads into another network, silently.
+        for key in ("qkv_bias", "qk_norm"):
+            if getattr(self, key) != family[key]:
+                raise ValueError(f"model_type {self.model_type!r} has {key}={family[key]}, these args say {getattr(self, key)}")
+        if self.sliding_window is not None and self.model_type != "mistral":
+            raise ValueError(f"model_type {self.model_type!r} has no sliding window; set sliding_window=None")
+        rope = {"rope_type": "llama3" if self.rope_scaling else "default", "rope_theta": self.rope_theta,
+                **(self.rope_scaling or {})}
         cfg = {
-            "architectures": ["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"],
+            "architectures": [family["architecture"]],
             "model_type": self.model_type,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
@@ -112,8 +160,9 @@ class ModelArgs:
             "intermediate_size": self.hidden_dim,
             "vocab_size": self.vocab_size,
             "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,  # both spellings, so transformers 4.x and 5.x read it
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_theta": self.rope_theta,  # 4.x reads rope_theta and rope_scaling, 5.x rope_parameters
+            "rope_scaling": dict(rope) if self.rope_scaling else None,
+            "rope_parameters": rope,
             "max_position_embeddings": self.max_seq_len,
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
@@ -123,14 +172,50 @@ class ModelArgs:
         }
         if self.model_type == "mistral":
             cfg["sliding_window"] = self.sliding_window
+        if self.model_type in ("llama", "qwen3"):
+            cfg["attention_bias"] = False  # both classes can put biases on all four projections; not these
+        if self.model_type == "llama":
+            cfg["mlp_bias"] = False
+        if self.model_type in ("qwen2", "qwen3"):
+            cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
         return cfg
+
+
+def _read_rope(cfg: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, Llama 3's scaling or None). transformers 5 writes rope_parameters (theta inside);
+    4.x writes rope_theta and rope_scaling at the top level, with the type under "rope_type" or "type"."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(f"{source}: {field} has rope_type {rope_type!r}, which is not supported "
+                         "(only 'default' and Llama 3's 'llama3')")
+    scaling = {}
+    for key in LLAMA3_ROPE:
+        # as transformers: a top-level original_max_position_embeddings wins, else max_position_embeddings
+        if key == "original_max_position_embeddings":
+            value = cfg.get(key, rope.get(key, cfg.get("max_position_embeddings")))
+        else:
+            value = rope.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{source}: {field} (rope_type 'llama3') needs a positive number {key!r}, got {value!r}")
+        scaling[key] = value
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"{source}: {field} needs high_freq_factor > low_freq_factor, got "
+                         f"{scaling['high_freq_factor']} and {scaling['low_freq_factor']}")
+    return theta, scaling
 
 
 def _token_id(cfg: dict, key: str, default: int) -> int:
     x = cfg.get(key)
     if x is None:
         return default
-    return x[0] if isinstance(x, list) else x  # some configs list several EOS ids; the first is the template's
+    # Llama 3 lists several EOS ids ([128001, 128008, 128009]); the first is kept here. Which ids end a
+    # turn when generating is the tokenizer's and generation_config.json's business, not the network's.
+    return x[0] if isinstance(x, list) else x
 
 
 PRESETS = {
@@ -156,9 +241,31 @@ class RMSNorm(nn.Module):
         return self.weight * xf.type_as(x)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies θ^(-2i/hd), i < hd/2, in fp32 as transformers computes them, and
+    with Llama 3's scaling (Meta's Llama 3.1 release, transformers' rope_type "llama3") when given.
+
+    Llama 3.1 stretched Llama 3's 8k context to 128k by rescaling each frequency by its wavelength
+    2π/f, measured against the pretraining context L = original_max_position_embeddings:
+      - wavelength < L / high_freq_factor: unchanged. These turned many times within the pretraining
+        context, so the model knows every angle they take.
+      - wavelength > L / low_freq_factor: scaled, f / factor (position interpolation). These never
+        completed a turn in pretraining; slowed down, positions up to factor × L stay in angles it saw.
+      - in between: interpolated, a blend (1 - s) f / factor + s f with s = (L / wavelength - low) /
+        (high - low), running from scaled at one edge to unchanged at the other."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # [hd/2]
+    if scaling is None:
+        return inv_freq
+    factor, low, high, L = (scaling[k] for k in LLAMA3_ROPE)
+    wavelength = 2 * math.pi / inv_freq
+    s = (L / wavelength - low) / (high - low)
+    blend = (1 - s) * inv_freq / factor + s * inv_freq
+    return torch.where(wavelength < L / high, inv_freq, torch.where(wavelength > L / low, inv_freq / factor, blend))
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None = None):
     """cos and sin of the rotary angles for each position: [..., T] -> two [..., T, head_dim/2] in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    inv_freq = rope_frequencies(head_dim, theta, scaling, positions.device)
     angles = positions.float()[..., None] * inv_freq  # fp32: positions up to 32k times a frequency need the mantissa
     return angles.cos(), angles.sin()
 
@@ -179,16 +286,25 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:  # Qwen3: one gain per channel of a head, shared by all heads
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, n_kv, T, hd]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)     # [B, T, H, hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, n_kv, hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            # each head's q and k normalised, which bounds the attention logits; before RoPE, as Qwen3
+            # was trained (the per-channel gains do not commute with the rotation)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # [B, H or n_kv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # the cache stores this step's keys and values and returns every key and value so far
@@ -243,6 +359,14 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+            # load_state_dict(assign=True) puts a new parameter under each name on its own, which unties
+            # the head. Every path that builds a model on the meta device loads that way: load_model,
+            # parallel.frozen_copy, and FSDP2's broadcast from rank 0 (set_model_state_dict), where an
+            # untied head would be a stray parameter FSDP does not manage. So tie again after any load.
+            self.register_load_state_dict_post_hook(lambda module, incompatible: module._tie())
+
+    def _tie(self):
+        self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens, positions=None, mask=None, cache=None, return_hidden=False):
         """tokens [B, T] -> logits [B, T, V], or the final normed hidden states [B, T, d].
@@ -257,7 +381,7 @@ class Transformer(nn.Module):
             window = self.args.sliding_window
             if mask is None and window is not None and window < T:
                 mask = causal_mask(positions, positions, window)  # [T, T]; plain causal is the fast path
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         h = self.tok_embeddings(tokens)  # [B, T, d]
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)
@@ -270,6 +394,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.data.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.data.zero_()
             else:
                 s = std / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
                 p.data.copy_(torch.randn(p.shape, generator=g) * s)
@@ -285,6 +411,7 @@ _HF_LAYER = {
     "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
     "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
     "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm",  # Qwen3
 }
 _HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 # transformers' names: one file, or shards model-00001-of-00003.safetensors ... listed in the index
@@ -393,9 +520,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{path}: missing tensors: {shown}")
-    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)  # ties the head again (Transformer)
     return model
 
 

@@ -418,3 +418,271 @@ def test_index_without_a_weight_map_is_named(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "model.safetensors.index.json")) + ": 'weight_map'"):
         load_model(tmp_path)
+
+
+# --- today's families against transformers' own classes ----------------------------------------
+# Each on random weights of a small config: logits, greedy generation through sample.py's KV cache,
+# and the export reopened by transformers' AutoModelForCausalLM.
+
+# Llama 3's RoPE: head_dim 16 and rope_theta 500 give 8 frequencies with wavelengths 2π · 500^(i/8) =
+# 6.3, 14, 30, 64, 140, 303, 658, 1429 tokens. With a pretraining context of 96 and the released factors
+# (8, 1, 4), the wavelengths below 96/4 = 24 stay, those above 96/1 = 96 are divided by 8 and the two
+# between are blended.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 96}
+FAMILY = {
+    "llama3": lambda tied: transformers.LlamaConfig(**{**TINY, "rope_theta": 500.0}, rope_parameters={
+        **LLAMA3_ROPE, "rope_theta": 500.0}, tie_word_embeddings=tied),
+    "qwen2": lambda tied: transformers.Qwen2Config(**TINY, tie_word_embeddings=tied),
+    # head_dim 24 with 4 heads of a 64-wide model: q is 96 wide, not 64
+    "qwen3": lambda tied: transformers.Qwen3Config(**{**TINY, "head_dim": 24}, tie_word_embeddings=tied),
+}
+HF_CLASS = {"llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+LONG = 112  # longer than Llama 3's original_max_position_embeddings (96): positions past it are scaled
+
+
+def family_model(family, tied, seed=0):
+    """transformers' own model of the family, every weight random: norm gains (q/k norms included) around
+    1, biases large enough to matter (0.5), the rest at 0.15, where greedy decoding does not yet fall into
+    repeating one token (at 0.08 it does, and a generation test would compare little)."""
+    torch.manual_seed(seed)
+    m = getattr(transformers, HF_CLASS[family])(FAMILY[family](tied))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else
+                    0.5 * torch.randn_like(p) if name.endswith("bias") else 0.15 * torch.randn_like(p))
+    return m.eval()
+
+
+FAMILIES_TIED = [(f, t) for f in FAMILY for t in (False, True)]
+
+
+@pytest.mark.parametrize("family,tied", FAMILIES_TIED)
+def test_family_loads_with_transformers_logits(tmp_path, family, tied):
+    ref = family_model(family, tied)
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    a = ours.args
+    assert (a.model_type, a.tie_embeddings) == (ref.config.model_type, tied)
+    assert (a.qkv_bias, a.qk_norm) == (family == "qwen2", family == "qwen3") and a.sliding_window is None
+    assert a.head_dim == (24 if family == "qwen3" else 16)
+    assert a.rope_scaling == ({k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"} if family == "llama3" else None)
+    if family == "qwen2":
+        assert ours.layers[0].attention.wq.bias.abs().min() > 0 and ours.layers[0].attention.wo.bias is None
+    if tied:
+        assert ours.output.weight is ours.tok_embeddings.weight
+    x = tokens(seed=3, T=LONG)
+    with torch.no_grad():
+        assert (ours(x) - hf_logits(ref, x)).abs().max() < 1e-4
+
+
+def test_llama3_rope_has_all_three_bands():
+    """The three bands occur in the test config, and our frequencies are transformers' own."""
+    from model import rope_frequencies
+    ref = family_model("llama3", False)
+    theirs = ref.model.rotary_emb.inv_freq
+    plain = 1.0 / 500.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    wavelength = 2 * torch.pi / plain
+    L = LLAMA3_ROPE["original_max_position_embeddings"]
+    kept, scaled = wavelength < L / 4.0, wavelength > L / 1.0
+    blended = ~kept & ~scaled
+    assert kept.sum() >= 2 and scaled.sum() >= 2 and blended.sum() >= 2
+    ours = rope_frequencies(16, 500.0, {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"})
+    assert torch.equal(ours, theirs.float())
+    assert torch.allclose(ours[kept].double(), plain[kept]) and torch.allclose(ours[scaled].double(), plain[scaled] / 8)
+    between = ours[blended].double()
+    assert ((between < plain[blended]) & (between > plain[blended] / 8)).all()
+
+
+@pytest.mark.parametrize("family,tied", [("llama3", True), ("qwen2", False), ("qwen3", True)])
+def test_family_greedy_generation_matches_transformers(tmp_path, family, tied, one_thread):
+    """sample.generate (batched, left-padded, KV cache) against transformers' generate, one prompt at a time.
+    The longest prompt runs past Llama 3's original context."""
+    from sample import generate
+    ref = family_model(family, tied)
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (5, 90, 17)]
+    n_new = 24
+    got = generate(ours, prompts, n_new, temperature=0.0)
+    assert all(len(set(row)) > n_new // 2 for row in got)  # varied text, not one token repeated
+    ref.generation_config.eos_token_id = None  # run to the length limit, as ours does without eos_id
+    for p, mine in zip(prompts, got):
+        with torch.no_grad():
+            # the mask given: otherwise transformers masks every token equal to pad_token_id out of the prompt
+            out = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=n_new, do_sample=False, pad_token_id=0)
+        assert mine == out[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("family,tied", FAMILIES_TIED)
+def test_family_export_opens_in_transformers(tmp_path, family, tied):
+    from safetensors import safe_open
+    ref = family_model(family, tied)
+    ref.save_pretrained(tmp_path / "src")
+    ours = load_model(tmp_path / "src")
+    save_model(ours, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == [HF_CLASS[family]] and cfg["model_type"] == ref.config.model_type
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as st:
+        names = set(st.keys())
+    assert names == set(ref.state_dict()) - ({"lm_head.weight"} if tied else set())  # transformers' names
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(back).__name__ == HF_CLASS[family]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert back.config.tie_word_embeddings == tied
+    if tied:
+        assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    x = tokens(seed=6, T=LONG)
+    with torch.no_grad():
+        assert (hf_logits(back.eval(), x) - ours(x)).abs().max() < 1e-4
+        again = load_model(tmp_path / "out")
+        assert again.args == ours.args and torch.equal(again(x), ours(x))  # the round trip is exact
+
+
+@pytest.mark.parametrize("key", ["type", "rope_type"])
+def test_llama3_config_in_transformers_4_spelling(tmp_path, key):
+    """transformers 4.x wrote rope_theta and rope_scaling at the top level (older files: "type")."""
+    family_model("llama3", True).save_pretrained(tmp_path)
+    five = load_model(tmp_path)
+    scaling = {key: "llama3", **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}}
+    _edit_config(tmp_path, rope_parameters=None, rope_theta=500.0, rope_scaling=scaling)
+    four = load_model(tmp_path)
+    assert four.args == five.args
+    x = tokens(seed=9, T=LONG)
+    with torch.no_grad():
+        assert torch.equal(four(x), five(x))
+
+
+# The config.json files of published checkpoints, in transformers 4.x's spelling as they were released
+# (bf16 dtype and version fields left out). Built on the meta device: the same tensor names and shapes
+# as transformers' own model of the same config, and the published parameter counts.
+PUBLISHED = {
+    "Llama-3.2-1B-Instruct": (1_235_814_400, dict(
+        architectures=["LlamaForCausalLM"], attention_bias=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+        head_dim=64, hidden_act="silu", hidden_size=2048, intermediate_size=8192, max_position_embeddings=131072,
+        mlp_bias=False, model_type="llama", num_attention_heads=32, num_hidden_layers=16, num_key_value_heads=8,
+        pretraining_tp=1, rms_norm_eps=1e-05, rope_theta=500000.0, tie_word_embeddings=True, vocab_size=128256,
+        rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0, original_max_position_embeddings=8192,
+                          rope_type="llama3"))),
+    "Qwen2.5-0.5B-Instruct": (494_032_768, dict(
+        architectures=["Qwen2ForCausalLM"], bos_token_id=151643, eos_token_id=151645, hidden_act="silu", hidden_size=896,
+        intermediate_size=4864, max_position_embeddings=32768, max_window_layers=21, model_type="qwen2",
+        num_attention_heads=14, num_hidden_layers=24, num_key_value_heads=2, rms_norm_eps=1e-06, rope_theta=1000000.0,
+        sliding_window=32768, tie_word_embeddings=True, use_sliding_window=False, vocab_size=151936)),
+    "Qwen3-0.6B": (596_049_920, dict(
+        architectures=["Qwen3ForCausalLM"], attention_bias=False, bos_token_id=151643, eos_token_id=151645, head_dim=128,
+        hidden_act="silu", hidden_size=1024, intermediate_size=3072, max_position_embeddings=40960, max_window_layers=28,
+        model_type="qwen3", num_attention_heads=16, num_hidden_layers=28, num_key_value_heads=8, rms_norm_eps=1e-06,
+        rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True, use_sliding_window=False,
+        vocab_size=151936)),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_build_transformers_tensors(name):
+    from model import hf_name
+    count, cfg = PUBLISHED[name]
+    args = ModelArgs.from_hf(cfg, name)
+    with torch.device("meta"):
+        ours = Transformer(args)
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    assert sum(p.numel() for p in ours.parameters()) == count == sum(p.numel() for p in theirs.parameters())
+    shapes = {n: tuple(t.shape) for n, t in theirs.state_dict().items() if n != "lm_head.weight"}
+    assert {hf_name(n): tuple(t.shape) for n, t in ours.state_dict().items() if n != "output.weight"} == shapes
+    assert ModelArgs.from_hf(args.to_hf()) == args  # and what a save writes reads back the same
+    if args.rope_scaling:  # Llama 3.2's own RoPE numbers (theta 500000, factor 32 over 8192 positions)
+        from model import rope_frequencies
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](theirs.config, "cpu")
+        assert torch.equal(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling), inv_freq)
+
+
+# --- what is refused, by name ------------------------------------------------------------------
+
+@pytest.fixture
+def qwen2_folder(tmp_path):
+    family_model("qwen2", False).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_qwen_sliding_window_is_refused(qwen2_folder):
+    _edit_config(qwen2_folder, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.raises(ValueError, match=re.escape(str(qwen2_folder / "config.json")) + r": use_sliding_window = true"):
+        load_model(qwen2_folder)
+    _edit_config(qwen2_folder, use_sliding_window=False, layer_types=["full_attention", "sliding_attention", "full_attention"])
+    with pytest.raises(ValueError, match="layer_types"):
+        load_model(qwen2_folder)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"])
+def test_other_families_are_refused_by_model_type(qwen2_folder, model_type):
+    _edit_config(qwen2_folder, model_type=model_type)
+    with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported"):
+        load_model(qwen2_folder)
+
+
+@pytest.mark.parametrize("field", ["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("rope_type", ["yarn", "linear", "dynamic", "longrope"])
+def test_other_rope_types_are_refused_by_name(tmp_path, field, rope_type):
+    family_model("llama3", False).save_pretrained(tmp_path)
+    _edit_config(tmp_path, rope_parameters=None, rope_scaling=None)
+    _edit_config(tmp_path, **{field: {"rope_type": rope_type, "factor": 4.0, "rope_theta": 10000.0}})
+    with pytest.raises(ValueError, match=f"{field} has rope_type '{rope_type}'"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("change,field", [(dict(attention_bias=True), "attention_bias"), (dict(mlp_bias=True), "mlp_bias"),
+                                          (dict(hidden_act="gelu"), "hidden_act"),
+                                          (dict(partial_rotary_factor=0.5), "partial_rotary_factor")])
+def test_switches_this_file_does_not_build_are_refused(tmp_path, change, field):
+    family_model("llama3", False).save_pretrained(tmp_path)
+    _edit_config(tmp_path, **change)
+    with pytest.raises(ValueError, match=f"config.json: {field} = "):
+        load_model(tmp_path)
+
+
+def test_llama3_rope_needs_its_numbers(tmp_path):
+    family_model("llama3", False).save_pretrained(tmp_path)
+    _edit_config(tmp_path, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0})
+    with pytest.raises(ValueError, match="rope_parameters \\(rope_type 'llama3'\\) needs a positive number 'high_freq_factor'"):
+        load_model(tmp_path)
+
+
+def test_args_that_disagree_with_their_model_type_are_not_saved(tmp_path):
+    """A qwen2 config without biases would load in transformers with randomly initialised ones."""
+    for args in (ModelArgs(**_args(sliding_window=None), model_type="qwen2"),
+                 ModelArgs(**_args(sliding_window=None), model_type="llama", qk_norm=True),
+                 ModelArgs(**_args(sliding_window=8), model_type="qwen3", qk_norm=True)):
+        with pytest.raises(ValueError, match="model_type"):
+            save_model(Transformer(args), tmp_path)
+
+
+# --- the real SmolLM2-135M-Instruct (dequantised from a 4-bit GGUF) -----------------------------
+
+def test_smollm2_matches_transformers_and_exports_tied(smollm2_dir, tmp_path, one_thread):
+    from safetensors import safe_open
+    from sample import generate
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ours = load_model(smollm2_dir)
+    assert ours.args.model_type == "llama" and ours.args.tie_embeddings and ours.args.n_layers == 30
+    x = torch.randint(0, ours.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf_logits(ref, x)
+        assert (ours(x) - want).abs().max() / want.abs().max() < 1e-4
+        prompt = x[0].tolist()
+        theirs = ref.generate(x[:1], attention_mask=torch.ones_like(x[:1]), max_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, 12:]
+    assert generate(ours, [prompt], 8, temperature=0.0) == [theirs.tolist()]
+    del ref
+
+    save_model(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as st:
+        assert "lm_head.weight" not in st.keys()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(back).__name__ == "LlamaForCausalLM"
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert (hf_logits(back, x) - want).abs().max() / want.abs().max() < 1e-4

@@ -417,3 +417,53 @@ def test_tokenizer_that_exports_cannot_carry_fails_at_start(tmp_path):
     assert res.returncode != 0 and time.time() - t0 < 60
     assert f"{tmp_path / 'tokenizer.model'}: its exports could not carry transformers' tokenizer files" in res.stderr
     assert not os.path.exists(tmp_path / "out" / "iter_0")
+
+
+def test_tied_llama3_checkpoint_under_fsdp_matches_one_process(reference, tmp_path):
+    """A tiny checkpoint of Llama 3.2's kind (model_type llama, tied head, Llama 3 RoPE scaling), with the
+    demo's tokenizer files, started with --model: 2 gloo ranks under FSDP2 log the 1-process losses, and
+    every export keeps the head tied (one tensor in the file, one in transformers)."""
+    import shutil
+    from safetensors import safe_open
+    theta0_dir = os.path.join(reference[0], "iter_0")
+    folder = tmp_path / "llama32"
+    os.makedirs(folder)
+    for name in os.listdir(theta0_dir):  # the tokenizer files, not θ_0's weights or its samples
+        if name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(os.path.join(theta0_dir, name), folder / name)
+    vocab = load_model(theta0_dir).args.vocab_size
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=160, vocab_size=vocab,
+                     max_seq_len=128, sliding_window=None, tie_embeddings=True, model_type="llama", rope_theta=500000.0,
+                     rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=64))
+    start = Transformer(args).init_weights(5)
+    save_model(start, str(folder))
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_train(one, "--model", str(folder), "--iterations", "1")
+    run_train(two, "--model", str(folder), "--iterations", "1", nproc=2)
+    a, b = iteration_losses(one), iteration_losses(two)
+    assert len(a) == len(b) >= 3
+    for (_, x), (_, y) in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+
+    transformers = pytest.importorskip("transformers")
+    x = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(0))
+    for out in (one, two):
+        for t in (0, 1):
+            export = os.path.join(out, f"iter_{t}")
+            with open(os.path.join(export, "config.json")) as f:
+                cfg = json.load(f)
+            assert cfg["tie_word_embeddings"] is True and cfg["rope_parameters"]["rope_type"] == "llama3"
+            with safe_open(os.path.join(export, "model.safetensors"), framework="pt") as st:
+                assert "lm_head.weight" not in st.keys()
+            ours = load_model(export)
+            assert ours.output.weight is ours.tok_embeddings.weight and ours.args == args
+        hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+        with torch.no_grad():
+            assert (hf(x).logits - ours(x)).abs().max() < 1e-4
+            # the tied matrix was trained (as both embedding and head), the same on 1 and 2 ranks
+            assert (ours.tok_embeddings.weight - start.tok_embeddings.weight).abs().max() > 1e-4
+    w1, w2 = weights(os.path.join(one, "iter_1")), weights(os.path.join(two, "iter_1"))
+    assert w1.keys() == w2.keys() and max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
