@@ -124,14 +124,8 @@ class Tokenizer:
         if self.eos_id is None:
             raise ValueError(f"{self.folder}: tokenizer_config.json names no eos_token, where generation stops")
         self.pad_id = ids.get("pad_token", self.eos_id)  # no pad token: EOS, masked out like any padding
-        # transformers' special-token rule: tokenizer.json's post-processor, unless tokenizer_config.json
-        # sets add_bos_token or add_eos_token, which then decide alone
-        if "add_bos_token" in config or "add_eos_token" in config or self.hf.post_processor is None:
-            bos = [self.tokens["bos_token"]] if config.get("add_bos_token") and self.bos_id is not None else []
-            eos = [self.tokens["eos_token"]] if config.get("add_eos_token") else []
-            self.hf.post_processor = tokenizers.processors.TemplateProcessing(
-                single=" ".join([f"{t}:0" for t in bos] + ["$A:0"] + [f"{t}:0" for t in eos]),
-                special_tokens=[(t, self.hf.token_to_id(t)) for t in bos + eos])
+        # the special tokens it adds (its BOS or none) are its post-processor's: transformers 5 ignores
+        # tokenizer_config.json's add_bos_token where there is a tokenizer.json
 
     def encode(self, text, bos=False, continuation=False):
         """Token ids of text; special tokens written in it become their ids. bos=True: with the
@@ -200,7 +194,7 @@ class Tokenizer:
         """The chat as text in the template, as transformers' apply_chat_template(tokenize=False) writes it."""
         try:
             return render_template(self.template, messages, add_generation_prompt, self.date,
-                                   **self.tokens, **self.template_args)
+                                   **{**self.tokens, **self.template_args})  # an argument wins, as in transformers
         except Exception as e:  # jinja2's errors and the template's own raise_exception
             raise ValueError(f"{self.template_name}: {type(e).__name__}: {e}") from None
 
@@ -453,7 +447,7 @@ def _legacy_setting(tok, folder):
         raise ValueError(f"{json_file}: it adds no dummy space, where tokenizer.model does")
     else:  # no dummy space in either: both settings encode alike
         legacy = bool(flag)
-    # added tokens are cut out of the text before anything else; data.py does that with the special ones,
+    # added tokens are cut out of the text before anything else; Tokenizer.encode does that with the special ones,
     # and sentencepiece keeps its user-defined pieces whole, which is the same where there is no dummy space
     types = _piece_types(tok)
     matched_late = {EOS, UNK} if _AT_START in normalizers else set()
@@ -462,7 +456,7 @@ def _legacy_setting(tok, folder):
         known = tok.special.get(s) == i or (not dummy_prefix and 0 <= i < tok.vocab_size
                                             and types[i] == USER_DEFINED and tok.sp.id_to_piece(i) == s)
         if not known or t["normalized"] != (s in matched_late):
-            raise ValueError(f"{json_file}: added token {s!r} (id {i}) is not one that data.py reproduces")
+            raise ValueError(f"{json_file}: added token {s!r} (id {i}) is not one that tokenizer.py reproduces")
     if isinstance(flag, bool) and flag != legacy:
         raise ValueError(f"{folder}: tokenizer_config.json says legacy={flag} but tokenizer.json encodes as "
                          f"legacy={legacy}; transformers follows one or the other depending on its version")

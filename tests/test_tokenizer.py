@@ -469,7 +469,7 @@ def check_against_trl(tok, hf, chats, whole_chat=False):
         ids, mask, cut = data.encode_example(tok, prompt, response, max_prompt=None, max_length=None)
         assert not cut and ids == prompt_ids + reference[:end + 1]
         assert mask == [0] * len(prompt_ids) + [1] * (end + 1)
-        assert data.decode_response(tok, reference[:end + 1]) == response
+        assert data.decode_response(tok, reference[:end + 1]) in (response, response.strip())  # a template may trim
 
 
 def test_smollm2_ids_are_trls(smollm2_tokenizer_dir):
@@ -627,3 +627,101 @@ def test_a_template_that_rewrites_the_prompt_is_refused(smollm2_tokenizer_dir, t
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0 and f"{bad}: the chat template's generation prompt is not the start" in res.stderr
     assert not os.path.exists(out / "ckpt") and not os.path.exists(out / "iter_0")
+
+
+def test_export_of_a_tokenizer_json_checkpoint(smollm2_tokenizer_dir, tmp_path):
+    # a checkpoint with only tokenizer.json: its files are copied; a --chat-template replaces its template
+    # in the export (chat_template.jinja would win over tokenizer_config.json in transformers: not copied)
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    for template in (None, str(tmp_path / "t.jinja")):
+        out = tmp_path / f"export-{template is None}"
+        tok = Tokenizer(smollm2_tokenizer_dir, chat_template=template)
+        tokenizer.export_tokenizer(tok, str(out), model_max_length=2048)
+        assert not (out / "tokenizer.model").exists()
+        assert (out / "tokenizer.json").read_bytes() == open(tok.file, "rb").read()
+        assert (out / "chat_template.jinja").exists() == (template is None)
+        hf = transformers.AutoTokenizer.from_pretrained(out)
+        again = Tokenizer(str(out))
+        assert again.template == tok.template and again.end_of_turn_ids == {2}
+        chats = random_chats(9, BYTE_CHARS, n=10)
+        check_against_trl(again, hf, chats)
+        assert [data.encode_chat(again, c) for c in chats] == [data.encode_chat(tok, c) for c in chats]
+    # no pad token: EOS pads (masked out everywhere)
+    folder = tmp_path / "nopad"
+    shutil.copytree(smollm2_tokenizer_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    write_json(folder / "tokenizer_config.json", config)
+    assert Tokenizer(str(folder)).pad_id == Tokenizer(str(folder)).eos_id == 2
+
+
+def test_check_command_on_a_tokenizer_json_checkpoint(smollm2_tokenizer_dir, tmp_path, capsys):
+    chats = [{"messages": c} for c in random_chats(10, BYTE_CHARS, n=12)]
+    path = tmp_path / "chats.jsonl"
+    data.save_jsonl(str(path), chats)
+    assert data.main(["check", str(path), "--tokenizer", smollm2_tokenizer_dir, "--max-prompt", "4096",
+                      "--max-length", "8192"]) == 0
+    out = capsys.readouterr().out
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    total = sum(len(trl_prompt_ids(hf, c["messages"][:-1])) + len(trl_response_ids(hf, c["messages"][:-1],
+                c["messages"][-1]["content"])) - 1 for c in chats)  # minus the "\n" after <|im_end|>
+    assert f"tokens: {total} in 12 sequences, 0 truncated" in out
+    assert data.main(["check", str(path), "--tokenizer", str(tmp_path / "nowhere")]) == 1
+    assert f"{tmp_path / 'nowhere'}: no such file or folder" in capsys.readouterr().err
+    assert data.main(["check", str(path), "--tokenizer", smollm2_tokenizer_dir, "--chat-template-arg", "x"]) == 1
+    assert "--chat-template-arg 'x': expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_train_names_the_flag_of_a_missing_tokenizer(tmp_path):
+    import train
+    for argv, message in ((["--model", str(tmp_path / "smol")], f"--model: {tmp_path / 'smol'}: no such file or folder"),
+                          (["--model", str(tmp_path)], f"--model: {tmp_path}: a folder with neither a tokenizer.json"),
+                          (["--tokenizer", str(tmp_path / "t.json")], f"--tokenizer: {tmp_path / 't.json'}: no such"),
+                          (["--chat-template", str(tmp_path / "x.jinja")], f"--chat-template: {tmp_path / 'x.jinja'}: no such")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            train.load_tokenizer(train.parse_args(argv + ["--out", str(tmp_path / "out")]), rank=0)
+
+
+def test_a_tokenizer_that_adds_bos_and_a_template_that_writes_it(smollm2_tokenizer_dir, tmp_path):
+    # Llama 3's layout: tokenizer.json's post-processor adds a BOS, and the template writes bos_token
+    # too: transformers' tokenizer then gives two, TRL's rule (and ours) keeps one
+    folder = tmp_path / "bos"
+    shutil.copytree(smollm2_tokenizer_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    write_json(folder / "tokenizer_config.json", {**config, "bos_token": "<|endoftext|>"})
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
+    write_json(folder / "tokenizer.json", spec)
+    (folder / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok, hf = Tokenizer(str(folder)), transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.bos_id == hf.bos_token_id == 0 and hf("x")["input_ids"][0] == 0  # transformers adds it too
+    chats = random_chats(11, BYTE_CHARS, n=20)
+    assert all(hf(hf.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False))["input_ids"][:2] == [0, 0]
+               for c in chats)
+    check_against_trl(tok, hf, chats)
+    # a long prompt keeps its BOS and its last tokens
+    ids, cut = data.encode_prompt(tok, [{"role": "user", "content": "word " * 300}], max_prompt=64)
+    full, _ = data.encode_prompt(tok, [{"role": "user", "content": "word " * 300}], max_prompt=None)
+    assert cut and ids == [0] + full[-63:]
+
+
+def test_when_a_stored_response_re_encodes_to_other_ids(smollm2_tokenizer_dir):
+    # generated responses are stored as text; self-play logs the share whose text re-encodes to other ids
+    tok = Tokenizer(smollm2_tokenizer_dir)
+    prompt = [{"role": "user", "content": "Say something."}]
+    canonical = data.encode_response(tok, prompt, "Hello wörld, 日本語!")
+    assert canonical[-1] == 2 and data.encode_response(tok, prompt, data.decode_response(tok, canonical)) == canonical
+    # a split byte-level BPE would not make: one token per character of "Hello"
+    split = [i for ch in "Hello" for i in tok.encode(ch)] + canonical[1:]
+    assert split != canonical and data.decode_response(tok, split) == data.decode_response(tok, canonical)
+    assert data.encode_response(tok, prompt, data.decode_response(tok, split)) == canonical != split
+    # a reply cut at the length limit inside a character: its text ends in U+FFFD, which encodes otherwise
+    cut = tok.encode("Hello 日")[:-1]  # "日" is three bytes, more than one token here
+    assert data.decode_response(tok, cut).endswith("\ufffd")
+    assert data.encode_response(tok, prompt, data.decode_response(tok, cut))[:-1] != cut
