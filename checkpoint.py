@@ -5,7 +5,7 @@ the exports of θ_t that the ecosystem opens.
     OUT/metrics.jsonl        one JSON object a logged step or evaluation (Run.log)
     OUT/ckpt/latest          the name of the newest whole checkpoint, switched by atomic rename
     OUT/ckpt/<phase><t>_step<k>/   DCP shards of weights (+ optimizer mid-phase) and run.json
-    OUT/iter_t/              θ_t in the Hugging Face layout, its tokenizer files, samples.jsonl
+    OUT/iter_t/              θ_t in the Hugging Face layout and its tokenizer files (export)
 
 A run killed at any moment resumes from `latest` and ends where an uninterrupted run ends: the
 checkpoint holds where the run was (phase, iteration, step), what it had measured, and how long
@@ -19,24 +19,23 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-import data
 from model import save_model
 from parallel import barrier, from_rank0, print0
-from selfplay import greedy_samples
 from tokenizer import export_tokenizer
 
 
 class Run:
-    """Where the run is (phase, iteration, step), what it has measured, and the metrics log."""
+    """Where the run is (phase, iteration, step), what it has measured (trained: the means of the phase
+    trained last, for the next evaluation's row; summary: every evaluation row), and the metrics log."""
 
-    def __init__(self, cfg, rank, world):
-        self.rank, self.world, self.out = rank, world, cfg.out
+    def __init__(self, out, rank, world):
+        self.rank, self.world, self.out = rank, world, out
         self.phase, self.iteration, self.step, self.global_step = "sft", 0, 0, 0
-        self.stats, self.summary, self.latest = {}, [], None
-        self.metrics = os.path.join(cfg.out, "metrics.jsonl")
+        self.trained, self.summary, self.latest = {}, [], None
+        self.metrics = os.path.join(out, "metrics.jsonl")
 
     def state(self):
-        return {k: getattr(self, k) for k in ("phase", "iteration", "step", "global_step", "stats", "summary")}
+        return {k: getattr(self, k) for k in ("phase", "iteration", "step", "global_step", "trained", "summary")}
 
     def log(self, record):
         if self.rank == 0:
@@ -44,14 +43,18 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
 
-def save_checkpoint(cfg, run, model, opt=None):
-    """Weights (and optimizer, mid-phase) through torch.distributed.checkpoint, each rank its shard,
-    into a new folder; then `latest` is switched to it with an atomic rename, so a kill at any moment
-    leaves the previous checkpoint whole. No RNG state is saved: nothing draws from the global RNG
-    (batches, sampling and initialisation have seeded generators of their own), so any number of
-    ranks can resume any checkpoint."""
-    root = os.path.join(cfg.out, "ckpt")
-    name = f"{run.phase}{run.iteration}_step{run.step}"
+def checkpoint_name(run):
+    return f"{run.phase}{run.iteration}_step{run.step}"
+
+
+def save_checkpoint(run, model, opt=None, phase_sums=None):
+    """Weights (and, mid-phase, the optimizer and the phase's metric sums so far) through
+    torch.distributed.checkpoint, each rank its shard, into a new folder; then `latest` is switched to
+    it with an atomic rename, so a kill at any moment leaves the previous checkpoint whole. No RNG state
+    is saved: nothing draws from the global RNG (batches, sampling and initialisation have seeded
+    generators of their own), so any number of ranks can resume any checkpoint."""
+    root = os.path.join(run.out, "ckpt")
+    name = checkpoint_name(run)
     path = os.path.join(root, name)
     if run.rank == 0 and os.path.exists(path):
         shutil.rmtree(path)
@@ -64,7 +67,7 @@ def save_checkpoint(cfg, run, model, opt=None):
     if run.rank == 0:
         size = os.path.getsize(run.metrics) if os.path.exists(run.metrics) else 0
         with open(os.path.join(path, "run.json"), "w") as f:
-            json.dump({**run.state(), "metrics_bytes": size}, f)
+            json.dump({**run.state(), "phase_sums": phase_sums or {}, "metrics_bytes": size}, f)
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(name)
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
@@ -75,30 +78,34 @@ def save_checkpoint(cfg, run, model, opt=None):
     barrier()
 
 
-def latest_checkpoint(cfg):
-    marker = os.path.join(cfg.out, "ckpt", "latest")
+def latest_checkpoint(out):
+    marker = os.path.join(out, "ckpt", "latest")
     if not os.path.exists(marker):
         return None
     with open(marker) as f:
-        return os.path.join(cfg.out, "ckpt", f.read().strip())
+        return os.path.join(out, "ckpt", f.read().strip())
 
 
-def load_optimizer(cfg, model, opt):
-    """The optimizer's state from the latest checkpoint (DCP reshards it to this run's ranks)."""
+def read_run_json(path):
+    with open(os.path.join(path, "run.json")) as f:
+        return json.load(f)
+
+
+def resume_phase(run, model, opt) -> dict:
+    """Mid-phase: the optimizer's state from the latest checkpoint (DCP reshards it to this run's
+    ranks), and the phase's metric sums up to it, which the phase's means go on from."""
+    path = from_rank0(lambda: latest_checkpoint(run.out))
     state = {"optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=from_rank0(lambda: latest_checkpoint(cfg)))
+    dcp.load(state, checkpoint_id=path)
     set_optimizer_state_dict(model, opt, state["optim"])
+    return from_rank0(lambda: read_run_json(path)["phase_sums"])
 
 
-def resume(cfg, run, model):
+def resume(run, model):
     """Put the run and the weights back where the latest checkpoint left them; drop the metric lines
     logged after it (they will be logged again). Rank 0 reads where, every rank loads its shards."""
-    path = from_rank0(lambda: latest_checkpoint(cfg))
-
-    def read():
-        with open(os.path.join(path, "run.json")) as f:
-            return json.load(f)
-    saved = from_rank0(read)
+    path = from_rank0(lambda: latest_checkpoint(run.out))
+    saved = from_rank0(lambda: read_run_json(path))
     for k in run.state():
         setattr(run, k, saved[k])
     run.latest = os.path.basename(path)
@@ -112,14 +119,9 @@ def resume(cfg, run, model):
     print0(f"resumed from {path}: {run.phase} {run.iteration}, step {run.step}")
 
 
-def export(policy, tok, held_out, cfg, t):
-    """OUT/iter_t/: θ_t in the Hugging Face layout (sharded above 5 GB) with its tokenizer files, and its greedy replies to
-    the first held-out prompts (samples.jsonl; the first one is printed). Rank 0 only."""
-    folder = os.path.join(cfg.out, f"iter_{t}")
+def export(policy, tok, folder, source_dir=None):
+    """θ_t in the Hugging Face layout (sharded above 5 GB) with its tokenizer files, into folder
+    (OUT/iter_t/). Files only: what the model says (samples.jsonl) is the loop's business. Rank 0 only."""
     save_model(policy, folder)
     # the tokenizer files transformers, vLLM and lm-eval read (the chat template included); --model's own are copied
-    export_tokenizer(tok, folder, source_dir=cfg.model, model_max_length=policy.args.max_seq_len)
-    samples = greedy_samples(policy, tok, held_out, cfg)
-    data.save_jsonl(os.path.join(folder, "samples.jsonl"), samples)
-    first = samples[0]
-    print(f"θ_{t} on {first['messages'][-1]['content']!r}: {first['reply']!r}", flush=True)
+    export_tokenizer(tok, folder, source_dir=source_dir, model_max_length=policy.args.max_seq_len)

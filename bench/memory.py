@@ -66,7 +66,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -174,7 +173,7 @@ def measure_step(precision, ac, layers, device):
     torch.manual_seed(0)
     dtype, use_autocast = PRECISIONS[precision]
     model = Transformer(replace(ARGS, n_layers=layers)).to(device=device, dtype=dtype)
-    model = parallel.parallelize(model, SimpleNamespace(activation_checkpointing=ac, bf16=use_autocast), 1, device)
+    model = parallel.parallelize(model, 1, activation_checkpointing=ac)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-7)
     self_play_loss(model, make_batch(WARM_SEQ, WARM_SEQ // 2, device), use_autocast, device).backward()
     opt.step()
@@ -236,7 +235,7 @@ def measure_fsdp():
     rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     torch.manual_seed(0)
     model = Transformer(replace(ARGS, n_layers=2))
-    model = parallel.parallelize(model, SimpleNamespace(activation_checkpointing=False, bf16=True), world, device)
+    model = parallel.parallelize(model, world, bf16=True)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-7)
     sent = {}
 
