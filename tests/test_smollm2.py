@@ -235,3 +235,28 @@ def test_every_eos_token_id_of_generation_config_stops_sample_py(smollm2_tokeniz
         assert theirs.tolist()[:k + 1] == free[:k] + [stop]
         assert sample.generate(model, [ids], n, temperature=0, eos_id=Tokenizer(str(folder)).end_of_turn_ids) == \
             [free[:k] + [stop]]
+
+
+def test_from_gguf_writes_a_folder_that_tokenizes_as_the_gguf(smollm2_tokenizer_dir, tmp_path, capsys):
+    """tools/from_gguf.py, as the README runs it, on the GGUF the fixtures were built from (tokenizer
+    only, seconds): the folder's Tokenizer gives the ids transformers gives reading the GGUF file itself;
+    an existing folder, a missing file and a file that is not GGUF are refused, naming them."""
+    from conftest import CACHE
+    from tools.from_gguf import main, smollm2_gguf
+    gguf = smollm2_gguf(CACHE)
+    out = tmp_path / "smol-tokenizer"
+    main([str(out), "--gguf", gguf, "--tokenizer-only"])
+    assert capsys.readouterr().out.startswith(f"{out}: chat_template.jinja, tokenizer.json, tokenizer_config.json")
+    hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    tok = Tokenizer(str(out))
+    for c in data.load_chats(CHATS)[::5]:
+        want = hf.apply_chat_template(c["messages"][:-1], tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert data.encode_prompt(tok, c["messages"][:-1], max_prompt=None)[0] == want
+    (tmp_path / "not.gguf").write_text("not a GGUF file")
+    for argv, message in [([str(out), "--gguf", gguf], f"{out} already exists"),
+                          ([str(tmp_path / "a"), "--gguf", str(tmp_path / "no.gguf")], "no.gguf: no such file"),
+                          ([str(tmp_path / "b"), "--gguf", str(tmp_path / "not.gguf")], "not.gguf: transformers could not")]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["not.gguf", "smol-tokenizer"]  # nothing half-written left behind

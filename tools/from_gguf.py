@@ -96,6 +96,8 @@ def main(argv=None):
     cli = parser.parse_args(argv)
     if cli.gguf is not None and not os.path.isfile(cli.gguf):
         parser.error(f"--gguf {cli.gguf}: no such file")
+    if os.path.exists(cli.out) and (not os.path.isdir(cli.out) or os.listdir(cli.out)):
+        parser.error(f"{cli.out} already exists: remove it, or name a new folder")
     missing = [name for name in ("transformers", "gguf") if importlib.util.find_spec(name) is None]
     if missing:  # transformers reads GGUF files through gguf
         parser.error(f"{' and '.join(missing)} not installed: pip install transformers gguf")
@@ -104,7 +106,10 @@ def main(argv=None):
         scratch = tempfile.mkdtemp(prefix="from_gguf-")
     try:
         gguf_file = cli.gguf or smollm2_gguf(cli.download_dir or scratch)
-        convert(gguf_file, cli.out, weights=not cli.tokenizer_only)
+        try:
+            convert(gguf_file, cli.out, weights=not cli.tokenizer_only)
+        except (ValueError, KeyError, OSError) as e:  # not GGUF, or an architecture transformers does not read
+            parser.error(f"{gguf_file}: transformers could not convert it: {type(e).__name__}: {e}")
         print(f"{cli.out}: {', '.join(sorted(os.listdir(cli.out)))}")
         if not cli.tokenizer_only:
             print(f"the weights of {os.path.basename(gguf_file)} ({tensor_types(gguf_file)} tensors), dequantised to "
