@@ -52,13 +52,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from tqdm import tqdm
 
 import data
-from tokenizer import Tokenizer, add_template_flags, export_tokenizer, parse_template_args
 from checkpoint import Run, checkpoint_name, export, latest_checkpoint, resume, resume_phase, save_checkpoint
 from model import ModelArgs, Transformer, load_model
 from parallel import (all_sum, barrier, check_shared_out, from_rank0, frozen_copy, parallelize, print0,
                       setup_distributed, to_device)
 from selfplay import evaluate, greedy_samples, score, self_play_round
 from space import gem_loss, ipo_loss, reward_metrics, sequence_logprobs, sft_loss, simpo_loss, space_loss, spin_loss
+from tokenizer import Tokenizer, add_template_flags, export_tokenizer, parse_template_args
 
 # -----------------------------------------------------------------------------
 # Run recipes (--preset): every flag's default. A flag given on the command line wins.
@@ -597,7 +597,7 @@ def load_tokenizer(cfg, rank):
         raise SystemExit(str(e))
     ours = {"date": date, "chat_template": tok.template_name, "chat_template_args": cfg.chat_template_arg,
             "chat_template_sha256": hashlib.sha256(tok.template.encode()).hexdigest()}
-    if saved and {k: saved[k] for k in ours if k != "chat_template"} != {k: ours[k] for k in ours if k != "chat_template"}:
+    if saved and any(saved[k] != ours[k] for k in ("date", "chat_template_args", "chat_template_sha256")):
         raise SystemExit(f"{record}: this run was started with the template {saved['chat_template']} and "
                          f"--chat-template-arg {saved['chat_template_args']}, not {tok.template_name} and "
                          f"{cfg.chat_template_arg}: the ids of a run must not change (remove the file to start over)")
