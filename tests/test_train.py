@@ -31,7 +31,14 @@ TRAIN = os.path.join(ROOT, "train.py")
 # the recipe's switches on: reuse of the previous iteration's samples, β and lr per iteration, an SFT
 # term; 8 generation chunks of 8 prompts, so a kill can land between two of them
 RECIPE = ["--mix-previous", "1", "--beta", "1.0,0.5", "--lr", "5e-5,3e-5", "--sft-weight", "0.1", "--gen-batch", "8"]
-PORT = [29517]
+
+
+def free_port():
+    """A port no one listens on now: fixed ports collide with other test runs on the same machine."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_train(out, *extra, nproc=1, check=True, popen=False):
@@ -42,9 +49,8 @@ def run_train(out, *extra, nproc=1, check=True, popen=False):
     if nproc == 1:
         cmd = [sys.executable, *cmd]
     else:  # a fresh port each time: a killed run's port may linger
-        PORT[0] += 1
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(PORT[0]), *cmd]
+               str(free_port()), *cmd]
     if popen:
         return subprocess.Popen(cmd, stdout=open(f"{out}.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -470,9 +476,8 @@ def test_rank0_broadcast_loading_gives_the_same_shards(tmp_path):
             assert torch.equal(a[k].to_local(), b[k].to_local()), k
         open(f"{tmp_path}/rank{{rank}}.ok", "w").write(str(len(a)))  # files: the ranks' prints interleave
     """))
-    PORT[0] += 1
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(PORT[0]), str(script)], capture_output=True, text=True, timeout=300)
+                          str(free_port()), str(script)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert [open(tmp_path / f"rank{r}.ok").read() for r in (0, 1)] == ["21", "21"]  # 2 x 9 block tensors + 3
 
