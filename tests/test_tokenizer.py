@@ -175,7 +175,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, demo_model_file):
-    """name -> (data.Tokenizer, transformers' AutoTokenizer), both reading the same export."""
+    """name -> (Tokenizer, transformers' AutoTokenizer), both reading the same export."""
     out = {}
     for name, (model_file, config, _, _) in CASES.items():
         folder = export(tmp_path_factory.mktemp(name), model_file or demo_model_file, config)

@@ -25,7 +25,7 @@ import selfplay
 import train
 from model import ModelArgs, Transformer, load_model, save_model
 from space import sequence_logprobs, space_loss
-from tokenizer import ZEPHYR_TEMPLATE, render_template
+from tokenizer import ZEPHYR_TEMPLATE, Tokenizer, render_template
 
 TRAIN = os.path.join(ROOT, "train.py")
 # the recipe's switches on: reuse of the previous iteration's samples, β and lr per iteration, an SFT
@@ -195,7 +195,7 @@ def test_reused_samples_are_rescored_by_the_current_opponent(reference):
     reused = [r for r in it1 if r["drawn_by"] == 0]
     assert [r["generated"] for r in reused] == [r["generated"] for r in it0]  # the same samples ...
     # ... with θ_1's scores, recomputed here from the export, not their iteration-0 values
-    tok = data.Tokenizer(os.path.join(out, "iter_1", "tokenizer.model"))
+    tok = Tokenizer(os.path.join(out, "iter_1", "tokenizer.model"))
     model = load_model(os.path.join(out, "iter_1")).eval()
     fresh, stale = [], []
     for r, old in zip(reused, it0):
@@ -357,7 +357,7 @@ def test_bf16_generation_copy(reference):
     """--bf16 generates from a bf16 copy with a bf16 cache, outside autocast. Its greedy replies are
     the fp32 model's, except where fp32's two best tokens are closer than bf16 can tell apart."""
     out, _ = reference
-    tok = data.Tokenizer(os.path.join(out, "iter_0", "tokenizer.model"))
+    tok = Tokenizer(os.path.join(out, "iter_0", "tokenizer.model"))
     chats = data.demo_splits(0, 0, 0, 32)["test"]
     ids = [data.encode_prompt(tok, data.split_chat(c["messages"])[0], 48)[0] for c in chats]
     for t in (0, 2):
