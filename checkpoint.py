@@ -23,6 +23,7 @@ import data
 from model import save_model
 from parallel import barrier, from_rank0, print0
 from selfplay import greedy_samples
+from tokenizer import export_tokenizer
 
 
 class Run:
@@ -111,13 +112,13 @@ def resume(cfg, run, model):
     print0(f"resumed from {path}: {run.phase} {run.iteration}, step {run.step}")
 
 
-def export(policy, tok, tok_file, held_out, cfg, t):
+def export(policy, tok, held_out, cfg, t):
     """OUT/iter_t/: θ_t in the Hugging Face layout (sharded above 5 GB) with its tokenizer files, and its greedy replies to
     the first held-out prompts (samples.jsonl; the first one is printed). Rank 0 only."""
     folder = os.path.join(cfg.out, f"iter_{t}")
     save_model(policy, folder)
     # the tokenizer files transformers, vLLM and lm-eval read (the chat template included); --model's own are copied
-    data.export_tokenizer(tok_file, folder, source_dir=cfg.model, model_max_length=policy.args.max_seq_len)
+    export_tokenizer(tok, folder, source_dir=cfg.model, model_max_length=policy.args.max_seq_len)
     samples = greedy_samples(policy, tok, held_out, cfg)
     data.save_jsonl(os.path.join(folder, "samples.jsonl"), samples)
     first = samples[0]

@@ -1,18 +1,16 @@
 """
-Data for self-play fine-tuning: the tokenizer (encoding exactly as the checkpoint's transformers
-tokenizer does, and the tokenizer files every export carries), the zephyr chat template, the two
+Data for self-play fine-tuning: the rule that turns a chat into token ids and a loss mask, the two
 JSONL formats (chats and self-play samples) with their validation, batching, a small built-in task,
-and the conversion of the common SFT layouts (ShareGPT, Alpaca) into chat JSONL.
+and the conversion of the common SFT layouts (ShareGPT, Alpaca) into chat JSONL. The tokenizer and
+the chat template are tokenizer.py's.
 
     python data.py demo out/demo                     # the demo task: {train,selfplay,test}.jsonl + tokenizer.model
     python data.py check out/demo/train.jsonl --tokenizer out/demo/tokenizer.model
-    python data.py check ultrachat_train.jsonl --tokenizer zephyr-7b-sft-full/tokenizer.model
+    python data.py check chats.jsonl --tokenizer SmolLM2-135M-Instruct   # a checkpoint folder: its tokenizer and template
     python data.py convert sharegpt.json chats.jsonl --from sharegpt --first-turn   # or --from alpaca|messages
 
-Every sequence the trainer sees comes from `encode_example`: BOS, the prompt in the template ending
-with "<|assistant|>\\n", then a response and its EOS, with a loss mask that is 1 on the response.
-SFT, scoring with the frozen opponent, self-play training and generation all go through it, so
-they all see the same tokens.
+Every sequence the trainer sees comes from `encode_example`, so SFT, scoring by the frozen opponent,
+self-play training and generation all see the same tokens.
 """
 import argparse
 import io
@@ -21,7 +19,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 
 import numpy as np
@@ -29,96 +26,10 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# the tokenizer
-
-BOS, EOS, UNK = "<s>", "</s>", "<unk>"  # how text writes the special tokens (Mistral's piece names)
-_SPECIAL = re.compile("(<s>|</s>|<unk>)")
-
-# The serialized model plus these four bytes is the same model with add_dummy_prefix = false.
-# In protobuf's wire format they read: ModelProto field 3 (normalizer_spec, length 2) holding
-# NormalizerSpec field 3 (add_dummy_prefix, varint) = 0. A message field that appears twice is
-# merged, so nothing else changes: same pieces, same merges, same byte fallback.
-_NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
-
-
-class Tokenizer:
-    """sentencepiece, plus the special tokens that the chat template writes as text.
-
-    The trap: sentencepiece with add_dummy_prefix (Mistral's model has it) encodes every string as
-    if it began with a space, "Hi" -> "▁Hi". Text is encoded piece by piece between the special
-    tokens, so which pieces get that dummy space is a choice, and transformers' Llama tokenizers make
-    it with the `legacy` flag of a checkpoint's tokenizer_config.json:
-    - legacy=False, sentencepiece's own rule: text at the start of a document (the start, or right
-      after <s>) gets the dummy space; text that continues (after </s>, or a response after its
-      prompt: continuation=True) gets none.
-    - legacy=True, as Mistral-7B's and zephyr's tokenizers are published: text after any special
-      token gets it too, so "</s>\\n" is "</s>", "▁", "<0x0A>".
-    A model must see the ids it was trained on, so Tokenizer(path) follows the transformers files
-    beside path (tokenizer.json, tokenizer_config.json: see _legacy_setting), and raises where they
-    ask for what it cannot reproduce; with none there it uses sentencepiece's rule; legacy=True/False
-    overrides both. decode mirrors encode, so decode(encode(x)) == x and
-    decode(encode(x, continuation=True), continuation=True) == x.
-    """
-
-    def __init__(self, model_file, legacy=None):
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
-        self.sp_continue = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
-        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
-        self.special = {BOS: self.bos_id, EOS: self.eos_id, UNK: self.unk_id}  # as transformers reads them in text
-        if any(i < 0 or self.sp.id_to_piece(i) != s for s, i in self.special.items()):
-            raise ValueError(f"{model_file}: the tokenizer needs the pieces {UNK}, {BOS} and {EOS}")
-        # Mistral's model has no pad piece. Padding sits after the real tokens (right padding under a
-        # causal mask) and is masked out of every loss, so any id would do: we use EOS.
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
-        self.vocab_size = self.sp.vocab_size()
-        self.legacy = _legacy_setting(self, os.path.dirname(os.path.abspath(model_file))) if legacy is None else legacy
-
-    def encode(self, text, bos=False, continuation=False):
-        """Token ids of text; "<s>", "</s>" and "<unk>" inside it become their ids."""
-        ids = [self.bos_id] if bos else []
-        at_start = not continuation
-        for part in _SPECIAL.split(text):  # text, special, text, special, ..., text
-            if part in self.special:
-                ids.append(self.special[part])
-                at_start = part == BOS or self.legacy
-            elif part:
-                ids.extend((self.sp if at_start else self.sp_continue).encode(part))
-        return ids
-
-    def decode(self, ids, continuation=False):
-        """Text of ids, the inverse of encode with the same continuation flag; special ids come back as text."""
-        text_of = {i: s for s, i in self.special.items()}
-        out, run, at_start = [], [], not continuation
-        for i in [int(i) for i in ids] + [None]:  # None flushes the last run of ordinary tokens
-            if i is None or i in text_of:
-                if run:  # at a document start, sentencepiece drops the dummy space the encoder added
-                    out.append((self.sp if at_start else self.sp_continue).decode(run))
-                run = []
-                if i is not None:
-                    out.append(text_of[i])
-                    at_start = i == self.bos_id or self.legacy
-            else:
-                run.append(i)
-        return "".join(out)
+from tokenizer import BOS, EOS, ZEPHYR_TEMPLATE, Tokenizer, add_template_flags, parse_template_args, render_template
 
 # -----------------------------------------------------------------------------
-# the chat template (zephyr's, as SPIN uses it) and the rule that turns a chat into tokens
-
-
-def render_chat(messages, add_generation_prompt=False):
-    """The zephyr template: "<|role|>\\n{content}</s>\\n" per turn; a prompt ends with "<|assistant|>\\n".
-    No BOS in the text: the encoders prepend its id."""
-    text = "".join(f"<|{m['role']}|>\n{m['content']}{EOS}\n" for m in messages)
-    return text + "<|assistant|>\n" if add_generation_prompt else text
-
-
-# render_chat in Jinja, for transformers' apply_chat_template, vLLM's chat endpoint and lm-eval's
-# --apply_chat_template. It writes bos_token first, as Llama-family templates do, since those
-# tokenize the rendered text without adding special tokens: the ids are then encode_prompt's.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
-                 "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+# the rule that turns a chat into tokens, as TRL's trainers make them for a prompt and a completion
 
 
 def split_chat(messages):
@@ -128,245 +39,66 @@ def split_chat(messages):
     return messages[:-1], messages[-1]["content"]
 
 
-def encode_prompt(tokenizer, prompt_messages, max_prompt=512):
-    """(ids, truncated): BOS + the rendered prompt ending with "<|assistant|>\\n", at most max_prompt ids.
-
-    SPIN keeps the last max_prompt tokens (the question sits at the end of a long conversation). SPIN
-    has no BOS at all; here every sequence starts with BOS, as in Mistral's pretraining, so a long
-    prompt keeps BOS plus its last max_prompt - 1 tokens. The cap depends on the prompt alone, so
-    generation sees exactly the prompt that training and scoring see."""
-    ids = tokenizer.encode(render_chat(prompt_messages, add_generation_prompt=True), bos=True)
+def encode_prompt(tok, prompt_messages, max_prompt=512):
+    """(ids, truncated): the prompt rendered in the chat template with its generation prompt, encoded
+    with the tokenizer's own special tokens (its BOS where it adds one, never two), at most max_prompt ids.
+    SPIN keeps the last max_prompt tokens (the question sits at the end of a long conversation); a BOS
+    that the tokenizer puts first stays first, as in pretraining. The cap depends on the prompt alone,
+    so generation sees exactly the prompt that training and scoring see."""
+    ids = tok.encode(tok.render(prompt_messages, add_generation_prompt=True), bos=True)
     if max_prompt is None or len(ids) <= max_prompt:
         return ids, False
-    return [tokenizer.bos_id] + ids[len(ids) - (max_prompt - 1):], True
+    head = ids[:1] if tok.bos_id is not None and tok.encode("", bos=True)[:1] == ids[:1] == [tok.bos_id] else []
+    return head + ids[len(ids) - (max_prompt - len(head)):], True
 
 
-def encode_example(tokenizer, prompt_messages, response, max_prompt=512, max_length=1024):
-    """(ids, loss_mask, truncated): the prompt, then response + EOS; the mask is 1 on the response and its EOS.
+def response_text(tok, prompt_messages, response):
+    """The response as the template writes it: the whole chat's rendering with the prompt's (generation
+    prompt included) cut off its front. A template that renders the prompt otherwise in the whole chat
+    (some reasoning templates rewrite earlier turns) has no such text: refused."""
+    prompt = tok.render(prompt_messages, add_generation_prompt=True)
+    chat = tok.render(prompt_messages + [{"role": "assistant", "content": response}])
+    if not chat.startswith(prompt):
+        raise ValueError(f"{tok.template_name}: the chat template's generation prompt is not the start of the whole "
+                         "chat's rendering, so no response can be told apart (pass --chat-template FILE)")
+    return chat[len(prompt):]
 
-    The response continues the prompt's "<|assistant|>\\n", so it is encoded as a continuation (no dummy
-    space); the sequence ends with the EOS, where generation stops, with no "\\n" after it. A response
-    longer than max_length - len(prompt) is cut there and loses its EOS, as in SPIN."""
+
+def encode_response(tok, prompt_messages, response):
+    """The response's ids: response_text with no special tokens added (a continuation: no sentencepiece
+    dummy space in front), up to and including the first end-of-turn token, where generation stops;
+    what the template writes after it (a newline) is neither trained nor scored."""
+    ids = tok.encode(response_text(tok, prompt_messages, response), continuation=True)
+    end = next((k for k, i in enumerate(ids) if i in tok.end_of_turn_ids), None)
+    return ids if end is None else ids[:end + 1]
+
+
+def encode_example(tok, prompt_messages, response, max_prompt=512, max_length=1024):
+    """(ids, loss_mask, truncated): the prompt's ids, then the response's; the mask is 1 on the response,
+    its end-of-turn token included. A response longer than max_length - len(prompt) is cut there and
+    loses its end-of-turn token, as in SPIN."""
     if max_prompt is not None and max_length is not None and not 1 < max_prompt < max_length:
         raise ValueError(f"need 1 < max_prompt < max_length, got {max_prompt} and {max_length}")
-    prompt, truncated = encode_prompt(tokenizer, prompt_messages, max_prompt)
-    reply = tokenizer.encode(response + EOS, continuation=True)
+    prompt, truncated = encode_prompt(tok, prompt_messages, max_prompt)
+    reply = encode_response(tok, prompt_messages, response)
     if max_length is not None and len(prompt) + len(reply) > max_length:
         reply, truncated = reply[:max_length - len(prompt)], True
     return prompt + reply, [0] * len(prompt) + [1] * len(reply), truncated
 
 
-def encode_chat(tokenizer, messages):
-    """(ids, loss_mask) of a whole conversation, untruncated: the loss is on its last assistant turn.
-    The same thing as encode_example (use that one to apply length limits)."""
-    ids, loss_mask, _ = encode_example(tokenizer, *split_chat(messages), max_prompt=None, max_length=None)
+def encode_chat(tok, messages):
+    """(ids, loss_mask) of a whole conversation, untruncated: encode_example of its last assistant turn."""
+    ids, loss_mask, _ = encode_example(tok, *split_chat(messages), max_prompt=None, max_length=None)
     return ids, loss_mask
 
 
-def decode_response(tokenizer, ids):
-    """The text of generated response ids: everything before the first EOS, decoded as a continuation,
-    so encode_example re-encodes it to the same ids whenever the model chose sentencepiece's own split."""
+def decode_response(tok, ids):
+    """The text of generated ids before the first end-of-turn token, decoded as a continuation:
+    encode_response gives the ids back, unless the model chose a split the tokenizer would not make."""
     ids = [int(i) for i in ids]
-    if tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids, continuation=True)
+    end = next((k for k, i in enumerate(ids) if i in tok.end_of_turn_ids), len(ids))
+    return tok.decode(ids[:end], continuation=True)
 
-# -----------------------------------------------------------------------------
-# transformers' tokenizer files. Those a checkpoint comes with decide `legacy`; every export carries
-# a full set, so transformers, vLLM and lm-eval tokenize and template as training did.
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
-
-
-def export_tokenizer(tokenizer_file, out_dir, source_dir=None, model_max_length=None):
-    """Write transformers' tokenizer files (TOKENIZER_FILES) into out_dir, beside an exported checkpoint.
-
-    With source_dir (the checkpoint that training started from) holding the same tokenizer.model,
-    its own files are copied unchanged (and its chat_template.jinja, if any) and only the missing
-    ones are written, except that a source without a chat template gets ours in its
-    tokenizer_config.json: the exported model was trained in it. Written files describe
-    Tokenizer(tokenizer_file), its legacy setting included. tokenizer.json is always there, so that
-    transformers need not convert tokenizer.model, which takes sentencepiece and protobuf (and
-    transformers 5 loses the dummy space doing it for model_type mistral). model_max_length: the
-    longest sequence the model takes; None writes transformers' "no limit", as Mistral-7B's does."""
-    tok = Tokenizer(tokenizer_file)
-    source = None
-    if source_dir is not None and os.path.exists(os.path.join(source_dir, "tokenizer.model")):
-        with open(tokenizer_file, "rb") as a, open(os.path.join(source_dir, "tokenizer.model"), "rb") as b:
-            same = a.read() == b.read()  # if not, the source's files describe another tokenizer: ignore them
-        if same and Tokenizer(os.path.join(source_dir, "tokenizer.model")).legacy != tok.legacy:
-            raise ValueError(f"{source_dir}: its tokenizer files ask for legacy={not tok.legacy}, "
-                             f"but {tokenizer_file} was read with legacy={tok.legacy}")
-        source = source_dir if same else None
-    pad = tok.sp.id_to_piece(tok.pad_id)
-    ours = {
-        "tokenizer_config.json": {
-            "tokenizer_class": "LlamaTokenizer", "bos_token": BOS, "eos_token": EOS, "unk_token": UNK,
-            "pad_token": pad, "add_bos_token": True, "add_eos_token": False, "legacy": tok.legacy,
-            "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
-            "model_max_length": int(1e30) if model_max_length is None else model_max_length},
-        "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": pad},
-        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    names = TOKENIZER_FILES + ("chat_template.jinja",)
-    copies = [name for name in names if source is not None and os.path.exists(os.path.join(source, name))]
-    for name in copies:  # read, then write: out_dir may be source_dir
-        with open(os.path.join(source, name), "rb") as f:
-            content = f.read()
-        if name == "tokenizer_config.json" and "chat_template" not in json.loads(content) \
-                and "chat_template.jinja" not in copies:
-            content = json.dumps({**json.loads(content), "chat_template": CHAT_TEMPLATE}, indent=2).encode()
-        with open(os.path.join(out_dir, name), "wb") as f:
-            f.write(content)
-    for name in TOKENIZER_FILES:
-        path = os.path.join(out_dir, name)
-        if name in copies:
-            continue
-        if name == "tokenizer.model":
-            if not (os.path.exists(path) and os.path.samefile(tokenizer_file, path)):
-                shutil.copyfile(tokenizer_file, path)
-        else:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(_tokenizer_json(tok) if name == "tokenizer.json" else ours[name], f,
-                          indent=None if name == "tokenizer.json" else 2, ensure_ascii=False)
-
-
-NORMAL, USER_DEFINED, BYTE = 1, 4, 6  # sentencepiece's piece types (ModelProto.SentencePiece.Type)
-
-
-def _piece_types(tok):
-    """The type of every piece, read from the serialized model in protobuf's wire format: each
-    ModelProto field 1 is a piece, whose field 3 is its type (NORMAL when absent). sentencepiece's
-    Python API tells control, unknown, unused and byte pieces apart, but not user-defined ones."""
-    def fields(buf):  # (field number, value) of each field of one message
-        i = 0
-        while i < len(buf):
-            key, i = varint(buf, i)
-            if key & 7 == 0:
-                value, i = varint(buf, i)
-            elif key & 7 == 2:
-                n, i = varint(buf, i)
-                value, i = buf[i:i + n], i + n
-            else:  # 1: 64-bit, 5: 32-bit (the score)
-                value, i = None, i + (8 if key & 7 == 1 else 4)
-            yield key >> 3, value
-
-    def varint(buf, i):
-        value = shift = 0
-        while True:
-            value, shift, i = value | (buf[i] & 0x7F) << shift, shift + 7, i + 1
-            if buf[i - 1] < 0x80:
-                return value, i
-    pieces = (value for field, value in fields(tok.sp.serialized_model_proto()) if field == 1)
-    return [dict(fields(piece)).get(3, NORMAL) for piece in pieces]
-
-
-# sentencepiece's dummy space as a normalizer of the tokenizers library. _PREPEND puts it before each
-# piece of text that the added tokens cut out before normalizing: after every special token, as under
-# legacy (Mistral-7B's own tokenizer.json). _AT_START puts it only at the start of such a piece and
-# not before "</s>" or "<unk>", which are then matched after normalizing rather than before: at the
-# start of the text and after <s> only, as without legacy (\A is the start of the text; ^ of a line).
-_PREPEND = {"type": "Prepend", "prepend": "▁"}
-_AT_START = {"type": "Replace", "pattern": {"Regex": "\\A(?!</s>|<unk>)"}, "content": "▁"}
-
-
-def _legacy_setting(tok, folder):
-    """The `legacy` setting that the transformers files in folder ask for; False where there are none.
-
-    tokenizer.json is what transformers runs for a Mistral checkpoint: its normalizer (above) or its
-    pre-tokenizer (Metaspace, transformers' own spelling) places the dummy space. tokenizer_config.json's
-    flag is what transformers builds a tokenizer from without tokenizer.json, and in version 5 for
-    model_type llama. Where both exist they must agree, since which one wins depends on the version."""
-    config_file, json_file = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "tokenizer.json")
-    config = None
-    if os.path.exists(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-        if config.get("add_bos_token") is False:
-            raise ValueError(f"{config_file}: add_bos_token is false, but every sequence here starts with {BOS}")
-    flag = (config or {}).get("legacy")
-    if not os.path.exists(json_file):
-        if config is not None and not isinstance(flag, bool):
-            raise ValueError(f"{config_file}: no `legacy` setting, and transformers versions disagree on its "
-                             "default; add \"legacy\": true or false, as the model was trained")
-        return bool(flag)
-    with open(json_file, encoding="utf-8") as f:
-        spec = json.load(f)
-    model, vocab = spec.get("model") or {}, {tok.sp.id_to_piece(i): i for i in range(tok.vocab_size)}
-    if model.get("type") != "BPE" or model.get("vocab") != vocab:
-        raise ValueError(f"{json_file}: not a BPE model with tokenizer.model's vocabulary")
-
-    def parts(x, key):  # a normalizer or pre-tokenizer, or the list of those in a Sequence
-        return [] if x is None else sum((parts(y, key) for y in x[key]), []) if key in x else [x]
-    normalizers = parts(spec.get("normalizer"), "normalizers")
-    pre_tokenizers = parts(spec.get("pre_tokenizer"), "pretokenizers")
-    schemes = [p.get("prepend_scheme") for p in pre_tokenizers if p.get("type") == "Metaspace"]
-    dummy_prefix = tok.sp.normalize("a") != "a"
-    if _PREPEND in normalizers or _AT_START in normalizers:
-        legacy = _PREPEND in normalizers
-    elif schemes and schemes[0] in ("always", "first"):
-        # transformers' own; the same on templated text, which neither starts with a space nor holds <s>
-        legacy = schemes[0] == "always"
-    elif dummy_prefix:
-        raise ValueError(f"{json_file}: it adds no dummy space, where tokenizer.model does")
-    else:  # no dummy space in either: both settings encode alike
-        legacy = bool(flag)
-    # added tokens are cut out of the text before anything else; data.py does that with the special ones,
-    # and sentencepiece keeps its user-defined pieces whole, which is the same where there is no dummy space
-    types = _piece_types(tok)
-    matched_late = {EOS, UNK} if _AT_START in normalizers else set()
-    for t in spec.get("added_tokens", []):
-        s, i = t["content"], t["id"]
-        known = tok.special.get(s) == i or (not dummy_prefix and 0 <= i < tok.vocab_size
-                                            and types[i] == USER_DEFINED and tok.sp.id_to_piece(i) == s)
-        if not known or t["normalized"] != (s in matched_late):
-            raise ValueError(f"{json_file}: added token {s!r} (id {i}) is not one that data.py reproduces")
-    if isinstance(flag, bool) and flag != legacy:
-        raise ValueError(f"{folder}: tokenizer_config.json says legacy={flag} but tokenizer.json encodes as "
-                         f"legacy={legacy}; transformers follows one or the other depending on its version")
-    return legacy
-
-
-def _tokenizer_json(tok):
-    """The `tokenizers` library's tokenizer.json that encodes as tok does, whatever the text.
-
-    sentencepiece's BPE repeatedly merges the adjacent pair that makes the best-scored piece; the
-    tokenizers library merges the pair that comes first in its list, so the list is sorted by score.
-    (transformers 5 sorts the merges it converts from tokenizer.model by id instead, which splits runs
-    of spaces differently: another reason to write this file.) The dummy space is _PREPEND or _AT_START."""
-    pieces, types = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)], _piece_types(tok)
-    dummy_prefix = tok.sp.normalize("a") != "a"
-    if dummy_prefix and USER_DEFINED in types:  # the demo tokenizer has no dummy space for this reason
-        raise ValueError("transformers cannot put sentencepiece's dummy space in front of a user-defined "
-                         "piece, and this tokenizer.model has both")
-    normal = {p: i for i, p in enumerate(pieces) if types[i] == NORMAL}
-    merges = sorted((-tok.sp.get_score(i), i, k, p[:k], p[k:]) for p, i in normal.items()
-                    for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal)
-    dummy = ([_PREPEND] if tok.legacy else [_AT_START]) if dummy_prefix else []
-    added = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": dummy == [_AT_START] and p in (EOS, UNK), "special": p in tok.special}
-             for i, p in enumerate(pieces) if p in tok.special or types[i] == USER_DEFINED]
-    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
-    space = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": {"type": "Sequence", "normalizers": dummy + [space]}, "pre_tokenizer": None,
-        "post_processor": {  # BOS first, as add_bos_token says
-            "type": "TemplateProcessing",
-            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {BOS: {"id": BOS, "ids": [tok.bos_id], "tokens": [BOS]}}},
-        "decoder": {"type": "Sequence", "decoders": [  # the dummy space is stripped, as sentencepiece does
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
-            *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy_prefix else [])]},
-        "model": {
-            "type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": BYTE in types,
-            "ignore_merges": False, "vocab": {p: i for i, p in enumerate(pieces)},
-            "merges": [[a, b] for _, _, _, a, b in merges]},
-    }
 
 # -----------------------------------------------------------------------------
 # dataset files: chat JSONL, self-play JSONL. Every bad line is reported as path:line: field: problem.
@@ -393,18 +125,14 @@ def _check_messages(messages, last_role):
         if role != expected:
             return f"{field}.role", (f"got {role!r} where {expected!r} belongs (an optional system turn, "
                                      "then user and assistant alternating, starting with user)")
-        if content is None:
-            return f"{field}.content", "missing or null"
-        if not isinstance(content, str):
-            return f"{field}.content", f"must be a string, got {type(content).__name__}"
-        if not content.strip():
-            return f"{field}.content", "is empty"
+        if not isinstance(content, str) or not content.strip():
+            return f"{field}.content", ("missing or null" if content is None else "is empty" if isinstance(content, str)
+                                        else f"must be a string, got {type(content).__name__}")
         if BOS in content or EOS in content:  # it would become a special token and break the template
             return f"{field}.content", f"contains {BOS!r} or {EOS!r}, which the template reserves"
     if messages[-1]["role"] != last_role:
         why = "no assistant response to learn from" if last_role == "assistant" else "a prompt ends with the user's turn"
         return "messages", f"the last turn is {messages[-1]['role']!r}, expected {last_role!r} ({why})"
-    return None
 
 
 def _is_finite_number(x):
@@ -431,53 +159,71 @@ def _check_selfplay(record):
     drawn_by = record.get("drawn_by")
     if not isinstance(drawn_by, int) or isinstance(drawn_by, bool) or drawn_by < 0:
         return "drawn_by", f"must be the iteration whose model drew the responses (an int >= 0), got {drawn_by!r}"
-    return None
+
+
+def _records(path):
+    """Yield (where, location, record, problem, text) for every record of a file: the one reader of
+    load_chats, load_selfplay and convert. problem: None, or why a line is not JSON (then text is the
+    line, for convert's rejects file). A file whose first character is "[" is a JSON array, read
+    whole, its records located by index ({"record": i}); one that does not parse is one error for the
+    whole file. Anything else is JSONL ({"line": n}): blank lines are skipped but keep their numbers."""
+    with open(path, "rb") as f:
+        array = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n").startswith("[")
+    if array:
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                array = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else e.reason
+            raise ValueError(f"{path}: not a valid JSON array ({why})") from None
+        yield from ((f"{path}: record {i}", {"record": i}, record, None, None) for i, record in enumerate(array))
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where, location = f"{path}:{n}", {"line": n}
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                yield where, location, None, f"not valid UTF-8 ({e.reason} at byte {e.start})", text
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, location, json.loads(text), None, text
+            except json.JSONDecodeError as e:
+                yield where, location, None, f"not valid JSON ({e.msg} at column {e.colno})", text.rstrip("\r\n")
 
 
 def _read_jsonl(path, check):
     """The records of a JSONL file; check(record) -> None or (field, problem). Raises ValueError listing
-    every bad line. Blank lines are skipped: they hold no record, so nothing is dropped."""
+    every bad line, so nothing is dropped silently."""
     records, errors = [], []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                errors.append(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(record, dict):
-                errors.append(f"{where}: not a JSON object (got {type(record).__name__})")
-                continue
-            problem = check(record)
-            if problem:
-                errors.append(f"{where}: {problem[0]}: {problem[1]}")
-            else:
-                records.append(record)
-    if errors:
+    for where, _, record, problem, _ in _records(path):
+        if problem is None and not isinstance(record, dict):
+            problem = f"not a JSON object (got {type(record).__name__})"
+        elif problem is None:
+            field_problem = check(record)
+            problem = field_problem and f"{field_problem[0]}: {field_problem[1]}"
+        if problem:
+            errors.append(f"{where}: {problem}")
+        else:
+            records.append(record)
+    if errors or not records:
         more = f"\n... and {len(errors) - 20} more bad lines" if len(errors) > 20 else ""
-        raise ValueError("\n".join(errors[:20]) + more)
-    if not records:
-        raise ValueError(f"{path}: no records")
+        raise ValueError("\n".join(errors[:20]) + more if errors else f"{path}: no records")
     return records
 
 
 def load_chats(path):
-    """Chat JSONL (UltraChat200k's shape): {"messages": [{"role", "content"}, ...]} a line, ending with an assistant turn."""
+    """Chat JSONL (UltraChat200k's shape): {"messages": [{"role", "content"}, ...]} a line (or a JSON array
+    of them), ending with an assistant turn."""
     return _read_jsonl(path, lambda r: _check_messages(r.get("messages"), last_role="assistant"))
 
 
 def load_selfplay(path):
     """Self-play JSONL: {"messages": prompt, "real", "generated": [K], "ref_real", "ref_generated": [K],
-    "drawn_by"} a line.
-    Every line must have the same K, because the trainer stacks the generated responses into [B, K]."""
+    "drawn_by"} a line. Every line has the same K: the trainer stacks the generated responses into [B, K]."""
     k = []
 
     def check(record):
@@ -507,10 +253,9 @@ def save_jsonl(path, records):
 
 def collate(examples, pad_id):
     """(tokens, targets, mask), each [B, T] with T = longest sequence - 1, right-padded.
-
     tokens = ids[:-1], targets = ids[1:], mask = loss_mask[1:]: position t predicts targets[t], and the
-    mask picks the response tokens (and their EOS) as targets. Padded targets hold pad_id rather than
-    -100 so that a gather over the vocabulary stays in range; the mask removes them."""
+    mask picks the response's tokens (its end-of-turn token too) as targets. Padded targets hold pad_id
+    rather than -100 so that a gather over the vocabulary stays in range; the mask removes them."""
     lengths = [len(ids) - 1 for ids, _ in examples]
     if any(len(ids) != len(loss_mask) for ids, loss_mask in examples) or min(lengths) < 1:
         raise ValueError("every example needs len(ids) == len(loss_mask) >= 2")
@@ -527,11 +272,9 @@ def collate(examples, pad_id):
 
 def batches(n, batch_size, seed, epoch=0, rank=0, world_size=1):
     """This rank's share of every global batch of one epoch: a list of lists of example indices.
-
     One permutation of range(n), fixed by (seed, epoch) alone, is cut into global batches; rank r takes
-    the r-th contiguous slice of each. So the ranks' slices of a batch, concatenated, are the batch a
-    single process would use, and a resumed run finds the same order. The incomplete tail of the
-    permutation is dropped for this epoch only: the next epoch's permutation reshuffles everything."""
+    the r-th contiguous slice of each: concatenated, the ranks' slices are one process's batch, and a
+    resumed run finds the same order. The incomplete tail is dropped for this epoch only."""
     if batch_size % world_size:
         raise ValueError(f"global batch size {batch_size} is not divisible by world size {world_size}")
     if not 0 <= rank < world_size:
@@ -544,10 +287,9 @@ def batches(n, batch_size, seed, epoch=0, rank=0, world_size=1):
 
 # -----------------------------------------------------------------------------
 # the demo task: problems with exactly checkable answers, made at run time: add two numbers below
-# 100, reverse 3 to 8 letters, or sort them. With train.py's demo preset (a dim-128, 4-layer
-# Mistral, SFT for 375 steps: minutes on 2 CPU cores) greedy exact match on the test split
-# ends near 46% (addition is the hard kind: the carry must be known before the first digit is
-# written). So self-play has room to help.
+# 100, reverse 3 to 8 letters, or sort them. With train.py's demo preset greedy exact match on the
+# test split ends near 46% (addition is the hard kind: the carry must be known before the first
+# digit is written), so self-play has room to help.
 
 _PHRASINGS = {
     "add": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}.", "Please calculate {a} plus {b}."],
@@ -594,19 +336,14 @@ def exact_match(prediction, reference):
 def demo_tokenizer(chats, out_dir, vocab_size=320):
     """Train a small BPE sentencepiece model on the chats' text, write out_dir/tokenizer.model, load it.
 
-    Built like Mistral's (BPE, digits split, <unk>=0, <s>=1, </s>=2 as control symbols, no pad), so
-    the demo runs the same code paths as the real thing, but without byte fallback: its 256 byte
-    pieces would crowd the merges out of a vocabulary this small, and the demo text needs none
-    (other characters become <unk>). The demo text supports about 300 pieces; vocab_size caps
-    them. The template's tags and "\\n" are user-defined symbols, kept whole and never merged with
-    neighbours, so a response is split the same way whether or not its prompt is encoded with it.
-    No dummy prefix either: sentencepiece would put that space before the tag that starts the text
-    ("▁", "<|user|>"), which transformers' tokenizers cannot do, so exports would not tokenize as
-    training did; and it is the only dummy space the template would get, as every turn's text
-    follows a "\\n".
-    Single-threaded on an ordered input, training is deterministic: the same chats give the same
-    file, in well under a second."""
-    texts = [render_chat(chat["messages"]).replace(EOS, "") for chat in chats]  # EOS is a control symbol, not text
+    Built like Mistral's (BPE, digits split, <unk>=0, <s>=1, </s>=2 as control symbols, no pad), but
+    without byte fallback (256 byte pieces would crowd the merges out of ~300; other characters
+    become <unk>) and without a dummy prefix (sentencepiece would put it before the tag that starts
+    the text, which transformers' tokenizers cannot do). The template's tags and "\\n" are
+    user-defined symbols, never merged with neighbours, so a response is split the same way with or
+    without its prompt. Single-threaded on an ordered input, training is deterministic and fast."""
+    # the template's text without <s> and </s>, which are control symbols, not text
+    texts = [render_template(ZEPHYR_TEMPLATE, chat["messages"], bos_token="", eos_token="") for chat in chats]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
@@ -638,15 +375,11 @@ class _Reject(Exception):
 
 
 def _from_sharegpt(record):
-    """(messages, fields): fields[i] names where turn i came from, as (turn, role field, content field).
-    An optional top-level "system" string becomes the system turn."""
+    """(messages, fields): fields[i] names where turn i came from, as (turn, role field, content field)."""
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise _Reject("conversations", "missing or null" if turns is None else "must be a non-empty list of turns")
     messages, fields = [], []
-    if record.get("system") is not None:
-        messages.append({"role": "system", "content": record["system"]})
-        fields.append(("system",) * 3)
     for j, turn in enumerate(turns):
         where = f"conversations[{j}]"
         if not isinstance(turn, dict):
@@ -663,7 +396,7 @@ def _from_sharegpt(record):
 
 def _from_alpaca(record):
     """(messages, fields): instruction, and input after a blank line when there is one, become the
-    user turn; output the assistant turn; an optional "system" the system turn."""
+    user turn; output the assistant turn."""
     instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
     if extra is not None and not isinstance(extra, str):
         raise _Reject("input", f"must be a string, got {type(extra).__name__}")
@@ -671,13 +404,7 @@ def _from_alpaca(record):
         user = f"{instruction}\n\n{extra}"
     else:
         user = instruction  # a missing, empty or non-string instruction is reported by the check
-    messages, fields = [], []
-    if record.get("system") is not None:
-        messages.append({"role": "system", "content": record["system"]})
-        fields.append(("system",) * 3)
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    fields += [("instruction",) * 3, ("output",) * 3]
-    return messages, fields
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}], [("instruction",) * 3, ("output",) * 3]
 
 
 def _from_messages(record):
@@ -694,17 +421,23 @@ _LIST_FIELD = {"sharegpt": "conversations", "alpaca": None, "messages": "message
 
 
 def _to_chat(record, layout, first_turn=False):
-    """A record of the given layout as a chat {"messages": [...]}, or raise _Reject(field, problem).
-
-    first_turn keeps the optional system turn and the first user/assistant exchange, as SPIN and
-    SPACE use UltraChat; the turns after it are not checked, since they are not kept. An empty system
-    prompt, as some dumps carry in every record, is no system prompt: it is left out."""
+    """(chat {"messages": [...]}, whether a leading assistant turn was dropped), or raise _Reject(field, problem).
+    ShareGPT's conversations were split into pieces, and 30% of real records start with the assistant:
+    that turn is dropped (a system turn before it stays), as FastChat's trainer does. first_turn keeps
+    the system turn and the first user/assistant exchange, as SPIN and SPACE use UltraChat (the turns
+    after it are not checked). An empty system prompt, as some dumps carry in every record, is left out."""
     if not isinstance(record, dict):
         raise _Reject(None, f"not a JSON object (got {type(record).__name__})")
     messages, fields = _CONVERTERS[layout](record)
+    if layout != "messages" and record.get("system") is not None:  # an optional top-level "system" string
+        messages, fields = [{"role": "system", "content": record["system"]}] + messages, [("system",) * 3] + fields
     first = messages[0] if isinstance(messages, list) and messages else None
     if isinstance(first, dict) and first["role"] == "system" and isinstance(first["content"], str) and not first["content"].strip():
         messages, fields = messages[1:], fields[1:]
+    k = 1 if isinstance(messages, list) and messages and isinstance(messages[0], dict) and messages[0]["role"] == "system" else 0
+    dropped = layout == "sharegpt" and len(messages) > k and messages[k]["role"] == "assistant"
+    if dropped:
+        messages, fields = messages[:k] + messages[k + 1:], fields[:k] + fields[k + 1:]
     if first_turn and isinstance(messages, list) and messages:
         keep = 3 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 2
         messages, fields = messages[:keep], fields[:keep]
@@ -718,50 +451,12 @@ def _to_chat(record, layout, first_turn=False):
         elif field == "messages":
             field = _LIST_FIELD[layout]
         raise _Reject(field, why)
-    return {"messages": messages}
+    return {"messages": messages}, dropped
 
 
 def rejected_path(out_path):
-    """Where convert writes what it rejects: OUT with a .jsonl suffix removed, plus .rejected.jsonl
-    (chats.jsonl -> chats.rejected.jsonl; chats -> chats.rejected.jsonl)."""
+    """Where convert writes what it rejects: chats.jsonl (or chats) -> chats.rejected.jsonl."""
     return out_path.removesuffix(".jsonl") + ".rejected.jsonl"
-
-
-def _input_records(path):
-    """Yield (where, location, record) for every record of a JSONL file or a JSON array; a line that is
-    not JSON yields a _Reject in place of the record.
-
-    The format is told by the first non-space character: "[" starts a JSON array, read whole, whose
-    records are located by their index ({"record": i}); anything else is JSONL, read line by line
-    ({"line": n}; blank lines hold no record and are skipped, but keep their numbers). A JSON array that does not parse is one error
-    for the whole file: no record of it can be trusted."""
-    with open(path, "rb") as f:
-        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-    if head.startswith("["):
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                array = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            why = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else e.reason
-            raise ValueError(f"{path}: not a valid JSON array ({why})") from None
-        for i, record in enumerate(array):
-            yield f"{path}: record {i}", {"record": i}, record
-        return
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where, location = f"{path}:{n}", {"line": n}
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield where, location, _Reject(None, f"not valid UTF-8 ({e.reason} at byte {e.start})",
-                                               raw.decode("utf-8", errors="replace").rstrip("\r\n"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, location, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, location, _Reject(None, f"not valid JSON ({e.msg} at column {e.colno})", line.rstrip("\r\n"))
 
 
 def convert(in_path, out_path, layout, first_turn=False):
@@ -770,24 +465,24 @@ def convert(in_path, out_path, layout, first_turn=False):
     Every record lands in one of two files: the chat at out_path, or, at rejected_path(out_path), a
     line {"line": n (or "record": i), "reason": "field: problem", "input": the record, or the text of
     a line that is not JSON}. Prints the counts and the first reasons; returns (read, written,
-    rejected). Both files are written under temporary names and renamed at the end, so a failed
-    run leaves no half-written file."""
+    rejected). Both files are renamed into place at the end: a failed run leaves no half-written file."""
     if layout not in _CONVERTERS:
         raise ValueError(f"unknown layout {layout!r} (expected one of {CONVERT_LAYOUTS})")
     bad_path = rejected_path(out_path)
     if os.path.abspath(in_path) in (os.path.abspath(out_path), os.path.abspath(bad_path)):
         raise ValueError(f"{in_path}: the output would overwrite the input")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    read = written = rejected = 0
+    read = written = rejected = dropped = 0
     shown = []
     try:
         with open(f"{out_path}.tmp", "w", encoding="utf-8") as out, open(f"{bad_path}.tmp", "w", encoding="utf-8") as bad:
-            for where, location, record in _input_records(in_path):
+            for where, location, record, problem, text in _records(in_path):
                 read += 1
                 try:
-                    if isinstance(record, _Reject):
-                        raise record
-                    chat = _to_chat(record, layout, first_turn)
+                    if problem:
+                        raise _Reject(None, problem, text)
+                    chat, dropped_turn = _to_chat(record, layout, first_turn)
+                    dropped += dropped_turn
                 except _Reject as e:
                     field, why, *text = e.args  # a line that is not JSON comes with its text
                     reason = f"{field}: {why}" if field else why
@@ -795,7 +490,7 @@ def convert(in_path, out_path, layout, first_turn=False):
                     bad.write(json.dumps(entry, ensure_ascii=False) + "\n")
                     rejected += 1
                     if len(shown) < 5:
-                        shown.append(f"{where}: {reason}")
+                        shown.append(f"rejected {where}: {reason}")
                     continue
                 out.write(json.dumps(chat, ensure_ascii=False) + "\n")
                 written += 1
@@ -806,11 +501,10 @@ def convert(in_path, out_path, layout, first_turn=False):
         raise
     os.replace(f"{out_path}.tmp", out_path)
     os.replace(f"{bad_path}.tmp", bad_path)
-    print(f"{in_path}: read {read}, written {written} to {out_path}, rejected {rejected} to {bad_path}")
-    for line in shown:
-        print(f"  rejected {line}", file=sys.stderr)
-    if rejected > len(shown):
-        print(f"  ... and {rejected - len(shown)} more in {bad_path}", file=sys.stderr)
+    started = f"; {dropped} written started with the assistant, whose turn was dropped" if layout == "sharegpt" else ""
+    print(f"{in_path}: read {read}, written {written} to {out_path}, rejected {rejected} to {bad_path}{started}")
+    for line in shown + ([f"... and {rejected - len(shown)} more in {bad_path}"] if rejected > len(shown) else []):
+        print(f"  {line}", file=sys.stderr)
     return read, written, rejected
 
 # -----------------------------------------------------------------------------
@@ -821,37 +515,32 @@ def _stats(xs):
     return f"min {min(xs)}, mean {sum(xs) / len(xs):.1f}, max {max(xs)}" if xs else "none"
 
 
-def check(path, tokenizer_file=None, max_prompt=512, max_length=1024):
-    """Validate a chat or self-play JSONL file (told apart by its first line) and print its statistics."""
-    with open(path, "rb") as f:
-        first = next((line for line in f if line.strip()), b"")
-    try:
-        selfplay = "generated" in json.loads(first)
-    except (ValueError, TypeError):
-        selfplay = False  # load_chats reports the line
+def check(path, tok=None, max_prompt=512, max_length=1024):
+    """Validate a chat or self-play JSONL file (told apart by its first record) and print its statistics."""
+    first = next(_records(path), (None, None, None))[2]
+    selfplay = isinstance(first, dict) and "generated" in first  # else load_chats reports the line
     records = load_selfplay(path) if selfplay else load_chats(path)
     if selfplay:
         print(f"{path}: {len(records)} self-play prompts, K = {len(records[0]['generated'])} generated responses each")
     else:
         turns = sum(len(r["messages"]) for r in records)
         print(f"{path}: {len(records)} chats, {turns} turns")
-    if tokenizer_file is None:
+    if tok is None:
         return
-    tokenizer = Tokenizer(tokenizer_file)
     prompt_lens, real_lens, gen_lens, total, truncated = [], [], [], 0, 0
     for r in tqdm(records, desc="encoding", leave=False):
         prompt, real = (r["messages"], r["real"]) if selfplay else split_chat(r["messages"])
         for i, response in enumerate([real] + (r["generated"] if selfplay else [])):
-            ids, loss_mask, cut = encode_example(tokenizer, prompt, response, max_prompt, max_length)
+            ids, loss_mask, cut = encode_example(tok, prompt, response, max_prompt, max_length)
             (gen_lens if i else real_lens).append(sum(loss_mask))
             total, truncated = total + len(ids), truncated + cut
         prompt_lens.append(len(ids) - sum(loss_mask))
     print(f"tokens: {total} in {len(real_lens) + len(gen_lens)} sequences, "
           f"{truncated} truncated (max prompt {max_prompt}, max length {max_length})")
     print(f"prompt tokens: {_stats(prompt_lens)}")
-    print(f"real response tokens (with EOS): {_stats(real_lens)}")
+    print(f"real response tokens (with the end-of-turn token): {_stats(real_lens)}")
     if selfplay:
-        print(f"generated response tokens (with EOS): {_stats(gen_lens)}")
+        print(f"generated response tokens (with the end-of-turn token): {_stats(gen_lens)}")
 
 
 def main(argv=None):
@@ -860,15 +549,16 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("check", help="validate a chat or self-play JSONL file and print its statistics")
     p.add_argument("file", help="chat JSONL ({'messages': [...]} a line) or self-play JSONL")
-    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model; with it, token counts and truncation are printed")
+    p.add_argument("--tokenizer", help="a checkpoint folder, or its tokenizer.model or tokenizer.json; with it, token "
+                                       "counts and truncation are printed, the ids made as train.py makes them")
+    add_template_flags(p)
     p.add_argument("--max-prompt", type=int, default=512, help="prompt tokens kept (BOS and the last ones), as in training")
     p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens kept, as in training")
     p = commands.add_parser("demo", help="write the demo task as chat JSONL plus its tokenizer")
     p.add_argument("out_dir", help="writes train.jsonl, selfplay.jsonl, test.jsonl and tokenizer.model here")
     p.add_argument("--seed", type=int, default=0, help="the splits are a function of the seed")
     p = commands.add_parser("convert", help="turn ShareGPT, Alpaca or chat records (JSONL or a JSON array) into chat JSONL",
-                            description="Records that cannot become a valid chat go, each with its line (or array "
-                                        "index) and the reason, to OUT.rejected.jsonl: chats.jsonl -> chats.rejected.jsonl.")
+                            description="Records that cannot become a chat go to OUT.rejected.jsonl, with line and reason.")
     p.add_argument("input", metavar="IN", help="JSONL, one record a line, or a JSON array of records (told apart by the first character)")
     p.add_argument("output", metavar="OUT", help="chat JSONL to write ({'messages': [...]} a line)")
     p.add_argument("--from", dest="layout", required=True, choices=CONVERT_LAYOUTS,
@@ -882,8 +572,8 @@ def main(argv=None):
         splits = demo_splits(seed=args.seed)
         for name, chats in splits.items():
             save_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), chats)
-        tokenizer = demo_tokenizer(splits["train"], args.out_dir)
-        print(f"{args.out_dir}: " + ", ".join(f"{len(c)} {n}" for n, c in splits.items()) + f", vocab {tokenizer.vocab_size}")
+        vocab = demo_tokenizer(splits["train"], args.out_dir).vocab_size
+        print(f"{args.out_dir}: " + ", ".join(f"{len(c)} {n}" for n, c in splits.items()) + f", vocab {vocab}")
         return 0
     if args.command == "convert":
         try:
@@ -895,8 +585,10 @@ def main(argv=None):
             print(f"{args.input}: no record became a chat; is --from {args.layout} its layout?", file=sys.stderr)
         return 0 if written else 1
     try:
-        check(args.file, args.tokenizer, args.max_prompt, args.max_length)
-    except (ValueError, OSError) as e:  # a bad line (named path:line) or a missing file: exit 1
+        tok = None if args.tokenizer is None else Tokenizer(
+            args.tokenizer, args.chat_template, parse_template_args(args.chat_template_arg))
+        check(args.file, tok, args.max_prompt, args.max_length)
+    except (ValueError, OSError, ImportError) as e:  # a bad line (named path:line) or a missing file: exit 1
         print(e, file=sys.stderr)
         return 1
     return 0

@@ -8,7 +8,8 @@ every prompt, every iteration), so the loop is written to stay on the device.
                        eos_id=model.args.eos_id, seed=0)   # new tokens only, eos kept
     samples = generate(model, prompts, 256, num_samples=4, seed=0)  # 4 replies a prompt, prompt-major; one prefill each
 
-Chat with a checkpoint from the command line (the prompt is rendered with the zephyr template):
+Chat with a checkpoint from the command line (the prompt is rendered with its own chat template, or
+zephyr's where it has none, and the reply stops at any of its end-of-turn tokens):
 
     python sample.py --model path/to/zephyr-7b-sft-full --prompt "What is a KV cache?"
     python sample.py --model out/ckpt --prompt "Once upon a time" --raw --temperature 0 --max-new-tokens 64
@@ -21,7 +22,7 @@ a padding mask keeps real tokens from ever seeing the pads. The cache holds ever
 sliding window is applied by the mask during prefill and by handing attention only the last W
 slots while decoding, so a step costs O(min(S, W)) and not O(max length).
 
-This file needs torch, tqdm and model.py; the command line also imports data.py for the tokenizer.
+This file needs torch, tqdm and model.py; the command line also imports tokenizer.py.
 """
 import argparse
 import sys
@@ -160,11 +161,11 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, positions: torch.Tensor,
            key_valid: torch.Tensor, head: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int,
-           top_p: float, eos_id: int | None, generator: torch.Generator | None, progress: bool = False,
+           top_p: float, stop: torch.Tensor | None, generator: torch.Generator | None, progress: bool = False,
            check_every: int = 8) -> torch.Tensor:
     """Sample up to max_new_tokens after the prefill's logits [B, V]; positions [B] is each row's
-    position for its first new token. Returns the new tokens [B, n]; rows that finished emit
-    eos_id from then on (generate trims them). Whether every row is done is read back only every
+    position for its first new token. stop [S]: the end-of-turn ids. Returns the new tokens [B, n];
+    rows that finished emit stop[0] from then on (generate trims them). Whether every row is done is read back only every
     `check_every` steps, the loop's one host synchronisation."""
     B = logits.shape[0]
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=logits.device)  # [B, N]
@@ -173,14 +174,14 @@ def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, positions: 
     with tqdm(total=max_new_tokens, disable=not progress, unit="tok", leave=False) as bar:
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # [B]
-            if eos_id is not None:
-                token = token.masked_fill(done, eos_id)
-                done |= token == eos_id
+            if stop is not None:
+                token = token.masked_fill(done, stop[0])
+                done |= torch.isin(token, stop)
             out[:, i] = token
             bar.update(1)
             if i + 1 == max_new_tokens:
                 break
-            if eos_id is not None and (i + 1) % check_every == 0 and done.all():
+            if stop is not None and (i + 1) % check_every == 0 and done.all():
                 break
             logits = decode_one(model, cache, token, positions, key_valid, head)
             positions += 1
@@ -191,12 +192,12 @@ def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, positions: 
 # generate: the entry point
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int | None = None,
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | set[int] | None = None, seed: int | None = None,
              num_samples: int = 1, progress: bool = False) -> list[list[int]]:
     """Continue every prompt (a list of token ids) by up to max_new_tokens sampled tokens.
 
-    Returns the new tokens only, one list per prompt. A row stops after it emits eos_id (the eos is
-    kept); the others go on, and the loop ends early once every row has stopped. temperature 0 is
+    Returns the new tokens only, one list per prompt. A row stops after it emits eos_id, or any id of
+    a set of them (a chat model's end-of-turn tokens; the one it emitted is kept); the others go on, and the loop ends early once every row has stopped. temperature 0 is
     greedy; top_k 0 and top_p 1 switch those filters off. With a seed the draws come from a private
     torch.Generator on the model's device, so the same seed gives the same samples and the global
     RNG is left untouched; with seed None they come from the global RNG.
@@ -225,6 +226,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     weight = model.output.weight
     device, dtype = weight.device, weight.dtype
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop_ids = sorted({eos_id} if isinstance(eos_id, int) else eos_id or ())
+    stop = torch.tensor(stop_ids, device=device) if stop_ids else None                     # [S]
     was_training = model.training
     model.eval()
     try:
@@ -259,24 +262,25 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 cache = cache.repeat_rows(K, max_len)                                          # [.., B*K, ..]
                 logits, lengths, key_valid = (x.repeat_interleave(K, dim=0) for x in (logits, lengths, key_valid))
             out = decode(model, cache, logits, lengths, key_valid, head, max_new_tokens, temperature, top_k,
-                         top_p, eos_id, generator, progress)                                   # [B*K, n]
+                         top_p, stop, generator, progress)                                     # [B*K, n]
     finally:
         model.train(was_training)
 
     rows = out.tolist()
-    if eos_id is not None:
-        rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
-    return rows
+    ends = [next((i for i, t in enumerate(r) if t in stop_ids), len(r) - 1) for r in rows]
+    return [r[:end + 1] for r, end in zip(rows, ends)]
 
 
 # -----------------------------------------------------------------------------
 # Command line: chat with a checkpoint
 
 def main():
+    from tokenizer import Tokenizer, add_template_flags, parse_template_args  # only the command line needs it
     parser = argparse.ArgumentParser(description="Sample a reply from a checkpoint (Hugging Face or Mistral folder).")
     parser.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors, or params.json)")
     parser.add_argument("--prompt", required=True, help="the user message (or, with --raw, the text to continue)")
-    parser.add_argument("--tokenizer", default=None, help="sentencepiece model; default MODEL/tokenizer.model")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model, tokenizer.json or a folder; default MODEL's")
+    add_template_flags(parser)
     parser.add_argument("--raw", action="store_true", help="continue the plain text instead of a chat turn")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -288,10 +292,13 @@ def main():
                         help="weights and KV cache dtype (sampling is fp32 regardless)")
     cli = parser.parse_args()
 
-    from data import Tokenizer, decode_response, render_chat  # only the command line needs these
-    tok = Tokenizer(cli.tokenizer or f"{cli.model}/tokenizer.model")
+    try:
+        tok = Tokenizer(cli.tokenizer or cli.model, cli.chat_template, parse_template_args(cli.chat_template_arg))
+    except (ValueError, OSError, ImportError) as e:
+        parser.error(str(e))
     model = load_model(cli.model, dtype=getattr(torch, cli.dtype), device=cli.device)
-    text = cli.prompt if cli.raw else render_chat([{"role": "user", "content": cli.prompt}], add_generation_prompt=True)
+    # the prompt as training makes it (data.encode_prompt): the template, then the tokenizer's special tokens
+    text = cli.prompt if cli.raw else tok.render([{"role": "user", "content": cli.prompt}], add_generation_prompt=True)
     ids = tok.encode(text, bos=True)
     # generate refuses a request that does not fit, since a silent cut inside training would be a
     # bug; here a person asked for "a reply", so give them as much of one as the model can hold.
@@ -304,10 +311,12 @@ def main():
     try:
         # the bar only on a terminal: piped or redirected, the output is the reply and nothing else
         [reply] = generate(model, [ids], n, temperature=cli.temperature, top_p=cli.top_p, top_k=cli.top_k,
-                           eos_id=tok.eos_id, seed=cli.seed, progress=sys.stderr.isatty())
+                           eos_id=tok.end_of_turn_ids, seed=cli.seed, progress=sys.stderr.isatty())
     except ValueError as e:  # a prompt too long for the model, or a bad sampling setting
         parser.error(str(e))
-    print(decode_response(tok, reply))  # up to the EOS, decoded as a continuation of the prompt
+    if reply and reply[-1] in tok.end_of_turn_ids:  # where it stopped (data.decode_response's rule)
+        reply = reply[:-1]
+    print(tok.decode(reply, continuation=True))  # decoded as a continuation of the prompt
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 The self-play round of iteration t: what the frozen opponent θ_t does before θ is trained on it
 (step 1 of both papers' Algorithm 1), and the held-out evaluation that uses the same machinery.
 
-    records = self_play_round(policy, scorer, tok, chats, cfg, t, rank, world)
+    records, changed = self_play_round(policy, scorer, tok, chats, cfg, t, rank, world)
 
 At paper scale this round is the expensive and fragile part of an iteration: 50k prompts × K samples
 of up to 256 tokens, then every response scored by θ_t. So:
@@ -101,6 +101,10 @@ def part_path(folder, c):
     return os.path.join(folder, f"selfplay.part-{c:05d}.jsonl")
 
 
+def _text_ids(ids, tok):
+    return ids[:-1] if ids and ids[-1] in tok.end_of_turn_ids else ids
+
+
 def previous_samples(cfg, t, n_prompts) -> list[list[dict]]:
     """For each prompt, the records drawn for it in iterations t-N .. t-1 (N = --mix-previous), oldest
     first. Iteration s's own draws are the records of iter_s/selfplay.jsonl with drawn_by == s, in
@@ -118,11 +122,14 @@ def previous_samples(cfg, t, n_prompts) -> list[list[dict]]:
     return reused
 
 
-def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dict]:
+def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> tuple[list[dict], float | None]:
     """Step 1 of the algorithm for iteration t: K samples per prompt from θ_t (policy), the reused
     samples of earlier iterations, and θ_t's reference scores of every response (scorer(seqs) -> s_θt
     of each (ids, loss_mask), computed as training computes s_θ; `score` above does the work).
-    Returns every record iteration t trains on, on every rank; OUT/iter_t/selfplay.jsonl holds them."""
+    Returns every record iteration t trains on, on every rank (OUT/iter_t/selfplay.jsonl holds them),
+    and the share of the responses drawn here whose stored text re-encodes to other ids than were
+    sampled (None if none were drawn here: a resumed round). Byte-level BPE can do that: a split the
+    tokenizer would not make, or a character cut at the length limit. Training uses the re-encoded ids."""
     folder = os.path.join(cfg.out, f"iter_{t}")
     final = os.path.join(folder, "selfplay.jsonl")
 
@@ -134,12 +141,13 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
         return data.load_selfplay(final)
     records = from_rank0(merged_already)
     if records is not None:
-        return records
+        return records, None
     K = cfg.samples_per_prompt
     prompts = chunked([data.split_chat(ch["messages"]) for ch in chats], cfg.gen_batch)
     reused = chunked(from_rank0(lambda: previous_samples(cfg, t, len(chats))), cfg.gen_batch)
     os.makedirs(folder, exist_ok=True)
     todo = from_rank0(lambda: [c for c in range(len(prompts)) if not os.path.exists(part_path(folder, c))])
+    changed = [0, 0]  # responses whose text re-encodes to other ids, responses drawn
     if rank == 0:
         reuse = f"; reusing the samples of iterations {max(0, t - cfg.mix_previous)}..{t - 1}" if t and cfg.mix_previous else ""
         print(f"iteration {t}: generating {len(todo)} of {len(prompts)} chunks ({len(prompts) - len(todo)} already "
@@ -149,8 +157,12 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
         # one seed per chunk of prompts: the same samples whatever the number of ranks; one prefill
         # per prompt, its cache rows copied K times, so the replies come prompt-major
         out = generate(policy, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                       eos_id=tok.eos_id, seed=cfg.seed * 1_000_003 + t * 10_007 + c, num_samples=K)
+                       eos_id=tok.end_of_turn_ids, seed=cfg.seed * 1_000_003 + t * 10_007 + c, num_samples=K)
         texts = [data.decode_response(tok, o) for o in out]
+        for j, (drawn, y) in enumerate(zip(out, texts)):  # the response's tokens, its end-of-turn token aside
+            again = data.encode_response(tok, prompts[c][j // K][0], y)
+            changed[0] += _text_ids(again, tok) != _text_ids(drawn, tok)
+        changed[1] += len(out)
         new = [{"messages": p, "real": y, "generated": texts[j * K:(j + 1) * K], "drawn_by": t}
                for j, (p, y) in enumerate(prompts[c])]
         old = [{k: r[k] for k in ("messages", "real", "generated", "drawn_by")} for rs in reused[c] for r in rs]
@@ -162,7 +174,9 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
             r["ref_real"], r["ref_generated"] = s[i * (K + 1)], s[i * (K + 1) + 1:(i + 1) * (K + 1)]
         data.save_jsonl(part_path(folder, c), part)
     if dist.is_initialized():
-        dist.barrier()
+        everyone = [None] * world
+        dist.all_gather_object(everyone, changed)
+        changed = [sum(x) for x in zip(*everyone)]
 
     def merge():
         merged = [r for c in range(len(prompts)) for r in data.load_selfplay(part_path(folder, c))]
@@ -170,7 +184,7 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> list[dic
         for c in range(len(prompts)):
             os.remove(part_path(folder, c))
         return merged
-    return from_rank0(merge)
+    return from_rank0(merge), changed[0] / changed[1] if changed[1] else None
 
 
 # -----------------------------------------------------------------------------
@@ -189,7 +203,7 @@ def evaluate(policy, scorer, tok, chats, cfg, rank, world, exact: bool) -> dict:
         if not exact:
             return [(0.0, s, k) for s, k in zip(logp, n)]
         ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts]
-        out = generate(policy, ids, cfg.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+        out = generate(policy, ids, cfg.max_new_tokens, temperature=0.0, eos_id=tok.end_of_turn_ids)
         hits = [float(data.exact_match(data.decode_response(tok, o), y)) for o, (_, y) in zip(out, prompts)]
         return list(zip(hits, logp, n))
     results = map_chunks(chats, cfg.gen_batch, work, rank, world, "evaluate")
@@ -206,5 +220,5 @@ def greedy_samples(policy, tok, chats, cfg, n=8) -> list[dict]:
     prompts = [data.split_chat(ch["messages"]) for ch in chats[:n]]
     ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts]
     room = policy.args.max_seq_len - max(len(x) for x in ids)
-    out = generate(policy, ids, min(cfg.max_new_tokens, room), temperature=0.0, eos_id=tok.eos_id)
+    out = generate(policy, ids, min(cfg.max_new_tokens, room), temperature=0.0, eos_id=tok.end_of_turn_ids)
     return [{"messages": p, "real": y, "reply": data.decode_response(tok, o)} for (p, y), o in zip(prompts, out)]

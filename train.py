@@ -33,6 +33,8 @@ step 1, and evaluation), parallel.py (process group, FSDP2/HSDP, rank-0 decision
 checkpoint.py (resume checkpoints and exports).
 """
 import argparse
+import datetime
+import hashlib
 import json
 import math
 import os
@@ -51,6 +53,7 @@ from parallel import (all_sum, barrier, check_shared_out, from_rank0, frozen_cop
                       setup_distributed)
 from selfplay import evaluate, score, self_play_round, to_device
 from space import gem_loss, ipo_loss, reward_metrics, sequence_logprobs, sft_loss, simpo_loss, space_loss, spin_loss
+from tokenizer import Tokenizer, add_template_flags, export_tokenizer, parse_template_args
 
 # -----------------------------------------------------------------------------
 # Presets: every flag's default. A flag given on the command line wins.
@@ -110,7 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--data", help="chat JSONL for self-play (else the built-in demo task)")
     p.add_argument("--eval-data", help="chat JSONL of held-out conversations (default: the last --n-test of --data)")
     p.add_argument("--n-test", type=int, help="held-out chats taken from the end of --data (or the demo's test split)")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: MODEL/tokenizer.model, or one trained on the demo)")
+    p.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a folder of them (default: MODEL's, or one "
+                                       "trained on the demo)")
+    add_template_flags(p)  # kept with the run: OUT/template.json
     p.add_argument("--out", default="out/demo", help="run folder: metrics.jsonl, ckpt/, iter_k/ (shared by all nodes)")
     p.add_argument("--method", choices=list(BETA), default="space", help="the loss of the iterations")
     p.add_argument("--iterations", type=int, help="self-play iterations T")
@@ -170,6 +175,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.lr = schedule(args.lr, "--lr", p)
     args.beta = schedule(args.beta or BETA[args.method] or "0", "--beta", p)
+    try:
+        args.chat_template_arg = parse_template_args(args.chat_template_arg)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 # -----------------------------------------------------------------------------
@@ -394,21 +403,60 @@ def load_data(cfg, rank):
                          f"{cfg.batch_size} (--batch-size)")
     if not cfg.model and not cfg.data and len(sft) < cfg.sft_batch_size:
         raise SystemExit(f"{len(sft)} SFT chats (--train-size): fewer than one SFT batch of {cfg.sft_batch_size}")
-    tok_file = cfg.tokenizer or (os.path.join(cfg.model, "tokenizer.model") if cfg.model else None)
-    if tok_file is None:  # the demo's own tokenizer, trained once on its text by rank 0
-        tok_file = os.path.join(cfg.out, "tokenizer.model")
+    tok = load_tokenizer(cfg, rank)
+    try:  # a template that cannot split a chat into prompt and response stops the run here
+        for chat in (sft if sft is selfplay else sft + selfplay) + held_out:
+            data.response_text(tok, *data.split_chat(chat["messages"]))
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if rank == 0:  # every export writes transformers' tokenizer files: find out now, not after θ_0's evaluation
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                export_tokenizer(tok, scratch, source_dir=cfg.model)
+            except ValueError as e:
+                raise SystemExit(f"{tok.file}: its exports could not carry transformers' tokenizer files: {e}")
+    return tok, sft, selfplay, held_out
+
+
+def load_tokenizer(cfg, rank):
+    """The run's tokenizer and chat template. The date a template reads (strftime_now: Llama 3.2 writes
+    today's date into its system turn) is the run's start, and it and the template arguments are kept
+    in OUT/template.json, so a resumed run renders every chat to the same text, and the same ids."""
+    flag, path = ("--tokenizer", cfg.tokenizer) if cfg.tokenizer else ("--model", cfg.model)
+    if path is None:  # the demo's own tokenizer, trained once on its text by rank 0
+        path = os.path.join(cfg.out, "tokenizer.model")
         if rank == 0:  # on its own sample of the task, so it is the same whatever the split sizes
             sample = data.demo_splits(cfg.data_seed + 1, n_train=3000, n_selfplay=0, n_test=0)["train"]
             data.demo_tokenizer(sample, cfg.out, cfg.vocab_size)
         barrier()
-    tok = data.Tokenizer(tok_file)
-    if rank == 0:  # every export writes transformers' tokenizer files: find out now, not after θ_0's evaluation
-        with tempfile.TemporaryDirectory() as scratch:
-            try:
-                data.export_tokenizer(tok_file, scratch, source_dir=cfg.model)
-            except ValueError as e:
-                raise SystemExit(f"{tok_file}: its exports could not carry transformers' tokenizer files: {e}")
-    return tok, tok_file, sft, selfplay, held_out
+    record = os.path.join(cfg.out, "template.json")
+
+    def read():
+        if not os.path.exists(record):
+            return None
+        with open(record) as f:
+            return json.load(f)
+    saved = from_rank0(read)
+    date = saved["date"] if saved else from_rank0(lambda: datetime.datetime.now().isoformat(timespec="seconds"))
+    if cfg.chat_template and not os.path.isfile(cfg.chat_template):
+        raise SystemExit(f"--chat-template: {cfg.chat_template}: no such file")
+    try:
+        tok = Tokenizer(path, cfg.chat_template, cfg.chat_template_arg, date=datetime.datetime.fromisoformat(date))
+    except (OSError, ImportError) as e:  # no such file or folder, no tokenizer in it, no `tokenizers` package
+        raise SystemExit(f"{flag}: {e}")
+    except ValueError as e:  # tokenizer files or a template it cannot use: the message names the file
+        raise SystemExit(str(e))
+    ours = {"date": date, "chat_template": tok.template_name, "chat_template_args": cfg.chat_template_arg,
+            "chat_template_sha256": hashlib.sha256(tok.template.encode()).hexdigest()}
+    if saved and any(saved[k] != ours[k] for k in ("date", "chat_template_args", "chat_template_sha256")):
+        raise SystemExit(f"{record}: this run was started with the template {saved['chat_template']} and "
+                         f"--chat-template-arg {saved['chat_template_args']}, not {tok.template_name} and "
+                         f"{cfg.chat_template_arg}: the ids of a run must not change (remove the file to start over)")
+    if rank == 0 and not saved:
+        with open(record + ".tmp", "w") as f:
+            json.dump(ours, f, indent=1)
+        os.replace(record + ".tmp", record)
+    return tok
 
 
 def encode_phase_data(tok, cfg, method, chats, records):
@@ -454,7 +502,7 @@ def main(argv=None):
     run = Run(cfg, rank, world)
     if rank == 0 and not resuming:
         open(run.metrics, "w").close()
-    tok, tok_file, sft_chats, selfplay_chats, held_out = load_data(cfg, rank)
+    tok, sft_chats, selfplay_chats, held_out = load_data(cfg, rank)
     cfg.pad_id = tok.pad_id
 
     # the model: fp32 master weights; bf16 happens in FSDP's mixed precision or autocast
@@ -487,7 +535,7 @@ def main(argv=None):
             run.log(result)
             print0(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
             if rank == 0:
-                export(policy, tok, tok_file, held_out, cfg, t)
+                export(policy, tok, held_out, cfg, t)
             barrier()
         if t == cfg.iterations:
             break
@@ -495,7 +543,10 @@ def main(argv=None):
         if cfg.method in SELF_PLAY:
             if policy is None:
                 policy, scorer = opponent(model, cfg, world, device)
-            records = self_play_round(policy, scorer, tok, selfplay_chats, cfg, t, rank, world)
+            records, changed = self_play_round(policy, scorer, tok, selfplay_chats, cfg, t, rank, world)
+            if changed is not None:  # share of samples whose text re-encodes to other ids than were drawn
+                run.log({"iteration": t, "selfplay/reencoded_changed": changed})
+                print0(f"iteration {t}: {changed:.2%} of the generated responses re-encode to other ids than were sampled")
         del policy, scorer
         if run.step == 0:
             run.stats = {}

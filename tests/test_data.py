@@ -1,18 +1,17 @@
-"""Tests for data.py: the tokenizer against sentencepiece itself (under both `legacy` settings), the
-template and loss mask on the real Mistral-7B tokenizer, every kind of bad JSONL line, truncation,
-batching and the demo task. tests/test_export.py holds the comparisons with transformers."""
+"""Tests for data.py: the template and loss mask on the real Mistral-7B tokenizer, every kind of bad
+JSONL line, truncation, batching, convert and the demo task. tests/test_tokenizer.py holds the
+tokenizer's own tests and the comparisons with transformers."""
 import json
 import os
 import re
-import shutil
 import sys
 
 import mistral_common
 import pytest
-import sentencepiece as spm
 import torch
 
 import data
+from tokenizer import Tokenizer
 
 MISTRAL = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
 
@@ -27,90 +26,10 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.Tokenizer(MISTRAL)
-
-
-@pytest.fixture(scope="module")
-def sp():  # sentencepiece on its own: the independent reference
-    return spm.SentencePieceProcessor(model_file=MISTRAL)
-
-
-@pytest.fixture(scope="module")
-def tok_legacy():  # as Mistral-7B's and zephyr's transformers tokenizers are published
-    return data.Tokenizer(MISTRAL, legacy=True)
+    return Tokenizer(MISTRAL)
 
 # -----------------------------------------------------------------------------
-# the tokenizer and the template, on Mistral-7B's tokenizer
-
-
-def test_special_ids(tok, sp):
-    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 32000)
-    assert tok.pad_id == tok.eos_id  # Mistral's model has no pad piece
-    assert tok.encode("<s></s>") == [1, 2] and tok.decode([1, 2]) == "<s></s>"
-    assert sp.encode("</s>") != [2]  # the reason encode splits on the special strings itself
-
-
-@pytest.mark.parametrize("text", [
-    "The quick brown fox.", "12 + 30 = 42", "  two leading spaces and two trailing  ", " x",
-    "héllo wörld, こんにちは 🎉", "line one\nline two\n\n\ttab", "3.14159 and 1,000,000",
-])
-def test_plain_text_is_sentencepiece(tok, sp, text):
-    assert tok.encode(text) == sp.encode(text)
-    assert tok.encode(text, bos=True) == [sp.bos_id()] + sp.encode(text)
-    # a continuation has no dummy space; sentencepiece after a byte-fallback "\n" (which merges with
-    # nothing) gives the reference: "\nX" -> ["▁", "<0x0A>", tokens of X with no space before]
-    assert tok.encode(text, continuation=True) == sp.encode("\n" + text)[2:]
-
-
-@pytest.mark.parametrize("text", [
-    "<|user|>\nHi</s>\n<|assistant|>\n", "<s><|user|>\nHi</s>\n<|assistant|>\nHello</s>",
-    " leading", "trailing ", "  both  ", "</s> after eos", "a<s> b</s>c", "héllo 日本 🎉 Ω≈ç√",
-    "0123456789 9876543210", "", "\n", "</s></s>", "a<unk> b", "<unk></s> <unk>",
-])
-def test_roundtrip(tok, tok_legacy, text):
-    for t in (tok, tok_legacy):
-        assert t.decode(t.encode(text)) == text
-        assert t.decode(t.encode(text, continuation=True), continuation=True) == text
-
-
-def test_no_space_after_eos(tok, sp):
-    ids = tok.encode("<|user|>\nHi</s>\n<|assistant|>\n")
-    after = ids[ids.index(tok.eos_id) + 1:]
-    assert after == sp.encode("\n<|assistant|>\n")[1:]  # sentencepiece's own, minus only its dummy "▁"
-    assert sp.id_to_piece(after[0]) == "<0x0A>"
-
-
-def test_legacy_puts_the_dummy_space_after_every_special_token(tok, tok_legacy, sp):
-    text = "<|user|>\nHi</s>\n<|assistant|>\n</s>Yo<unk> x<s>z"
-    # legacy: each piece of text between special tokens is a sentencepiece document of its own
-    assert tok_legacy.encode(text) == (sp.encode("<|user|>\nHi") + [2] + sp.encode("\n<|assistant|>\n") + [2]
-                                       + sp.encode("Yo") + [0] + sp.encode(" x") + [1] + sp.encode("z"))
-    assert sp.id_to_piece(tok_legacy.encode("</s>\n")[1]) == "▁"
-    # without: only the start and text after <s> get the dummy space ("\n" then text, minus "▁\n": see above)
-    def cont(x):
-        return sp.encode("\n" + x)[2:]
-    assert tok.encode(text) == (sp.encode("<|user|>\nHi") + [2] + cont("\n<|assistant|>\n") + [2]
-                                + cont("Yo") + [0] + cont(" x") + [1] + sp.encode("z"))
-    # a response continues its prompt under both settings
-    assert tok_legacy.encode("Hi</s>", continuation=True) == tok.encode("Hi</s>", continuation=True) == cont("Hi") + [2]
-
-
-def test_unk_is_a_special_token(tok, sp):
-    # transformers reads "<unk>" in text as the unknown token; sentencepiece alone would spell it out
-    assert tok.encode("<unk>") == [tok.unk_id] == [0] and sp.encode("<unk>") != [0]
-    assert tok.decode([0]) == "<unk>"
-
-
-def test_legacy_is_read_beside_the_model_file(tmp_path):
-    shutil.copy(MISTRAL, tmp_path / "tokenizer.model")
-    model_file = str(tmp_path / "tokenizer.model")
-    assert not data.Tokenizer(model_file).legacy  # no transformers files: sentencepiece's rule
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": True}))
-    assert data.Tokenizer(model_file).legacy
-    assert not data.Tokenizer(model_file, legacy=False).legacy  # the argument wins
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    with pytest.raises(ValueError, match="no `legacy` setting"):
-        data.Tokenizer(model_file)
+# the template and the loss mask, on Mistral-7B's tokenizer
 
 
 def test_chat_has_bos_and_an_eos_per_turn(tok):
@@ -124,9 +43,9 @@ def test_chat_has_bos_and_an_eos_per_turn(tok):
         start = end + 1
     assert turns == [("\n" if i else "") + f"<|{m['role']}|>\n{m['content']}" for i, m in enumerate(CHAT)]
     # the whole conversation: the template's text, ending at the last EOS (no "\n" after it) ...
-    assert tok.decode(ids) == "<s>" + data.render_chat(CHAT)[:-1]
+    assert tok.decode(ids) == tok.render(CHAT)[:-1]
     # ... and the same tokens as encoding that text in one piece: splitting off the response changed nothing
-    assert ids == tok.encode(data.render_chat(CHAT)[:-1], bos=True)
+    assert ids == tok.encode(tok.render(CHAT)[:-1], bos=True)
 
 
 def test_loss_mask_is_the_last_assistant_turn(tok):
@@ -135,13 +54,14 @@ def test_loss_mask_is_the_last_assistant_turn(tok):
     first = loss_mask.index(1)
     assert all(loss_mask[first:]) and loss_mask[-1] == 1  # one contiguous run, ending with the EOS
     assert tok.decode(ids[first:], continuation=True) == CHAT[-1]["content"] + "</s>"
-    assert tok.decode(ids[:first]) == "<s>" + data.render_chat(CHAT[:-1], add_generation_prompt=True)
+    assert tok.decode(ids[:first]) == tok.render(CHAT[:-1], add_generation_prompt=True)
 
 
-def test_render_chat():
+def test_render_chat(tok):
+    # zephyr's template (tokenizer.model.v1 comes with no template), BOS first: the tokenizer adds one
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
-    assert data.render_chat(msgs) == "<|user|>\nHi</s>\n<|assistant|>\nYo</s>\n"
-    assert data.render_chat(msgs[:1], add_generation_prompt=True) == "<|user|>\nHi</s>\n<|assistant|>\n"
+    assert tok.render(msgs) == "<s><|user|>\nHi</s>\n<|assistant|>\nYo</s>\n"
+    assert tok.render(msgs[:1], add_generation_prompt=True) == "<s><|user|>\nHi</s>\n<|assistant|>\n"
     assert data.split_chat(CHAT) == (CHAT[:-1], CHAT[-1]["content"])
     with pytest.raises(ValueError):
         data.split_chat(CHAT[:-1])
@@ -159,7 +79,7 @@ def test_decode_response(tok):
 def test_truncation_keeps_bos_and_the_last_prompt_tokens(tok):
     prompt = [{"role": "user", "content": " ".join(f"w{i}" for i in range(400))}]
     response = " ".join(f"r{i}" for i in range(200))
-    full_prompt = tok.encode(data.render_chat(prompt, add_generation_prompt=True), bos=True)
+    full_prompt = tok.encode(tok.render(prompt, add_generation_prompt=True), bos=True)
     full_reply = tok.encode(response + "</s>", continuation=True)
     assert len(full_prompt) > 64 and len(full_reply) > 100
 
@@ -397,8 +317,8 @@ def test_demo_tokenizer(tmp_path):
     for tag in ("<|user|>", "<|assistant|>", "<|system|>", "\n"):
         assert len(tok.encode(tag, continuation=True)) == 1
     for chat in chats[::7]:
-        text = data.render_chat(chat["messages"])
-        assert tok.decode(tok.encode(text, bos=True)) == "<s>" + text
+        text = tok.render(chat["messages"])
+        assert tok.decode(tok.encode(text, bos=True)) == text  # one BOS, the template's
         ids, loss_mask = data.encode_chat(tok, chat["messages"])
         assert tok.decode([i for i, m in zip(ids, loss_mask) if m], continuation=True) == chat["messages"][-1]["content"] + "</s>"
     assert tok.encode("é", continuation=True) == [tok.sp.unk_id()]  # no byte fallback: not in the demo text
@@ -486,6 +406,32 @@ def test_convert_first_turn(tmp_path):
     assert data.load_chats(out) == [{"messages": CHAT[:3]}]
 
 
+def test_convert_drops_a_leading_assistant_turn(tmp_path, capsys):
+    # ShareGPT's split conversations: FastChat's trainer drops a first turn that is the assistant's. A
+    # system turn before it stays; with --first-turn the first user/assistant exchange after it is kept.
+    G, H = ({"from": "gpt", "value": "tail of an earlier answer"}, {"from": "human", "value": "Q1 ¿qué?"})
+    records = [
+        {"conversations": [G, H, {"from": "gpt", "value": "A1"}]},
+        {"conversations": [{"from": "system", "value": "Be brief."}, G, H, {"from": "gpt", "value": "A1"}]},
+        {"system": "S", "conversations": [G, H, {"from": "gpt", "value": "A1"}, H, {"from": "gpt", "value": "A2"}]},
+        {"conversations": [H, {"from": "gpt", "value": "A1"}]},  # starts with the user: unchanged, not counted
+        {"conversations": [G]},  # nothing left: rejected, not counted
+    ]
+    src = write_lines(tmp_path, [json.dumps(r) for r in records])
+    out = str(tmp_path / "chats.jsonl")
+    assert data.convert(src, out, "sharegpt", first_turn=True) == (5, 4, 1)
+    assert "; 3 written started with the assistant, whose turn was dropped" in capsys.readouterr().out
+    q, a = {"role": "user", "content": "Q1 ¿qué?"}, {"role": "assistant", "content": "A1"}
+    assert [c["messages"] for c in data.load_chats(out)] == [
+        [q, a], [{"role": "system", "content": "Be brief."}, q, a], [{"role": "system", "content": "S"}, q, a], [q, a]]
+    with open(data.rejected_path(out)) as f:
+        (bad,) = [json.loads(line) for line in f]
+    assert bad["line"] == 5 and bad["reason"] == "conversations: must be a non-empty list of turns"
+    # the other layouts keep their order rule: a chat starts with the user
+    src = write_lines(tmp_path, [json.dumps({"messages": [A, U, A]})])
+    assert data.convert(src, out, "messages") == (1, 0, 1)
+
+
 BAD_CONVERT = [  # (layout, line, the reason the rejected file must give)
     ("sharegpt", "{not json", "not valid JSON"),
     ("sharegpt", "[1, 2]", "not a JSON object (got list)"),
@@ -498,8 +444,11 @@ BAD_CONVERT = [  # (layout, line, the reason the rejected file must give)
     ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "  "}]}), "conversations[1].value: is empty"),
     ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "y"}]}),
      "conversations[0].value: must be a string, got list"),
+    # a leading assistant turn is dropped (below), then the rest must still be a chat; fields keep their indices
     ("sharegpt", json.dumps({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}),
-     "conversations[0].from: got 'assistant' where 'user' belongs"),
+     "conversations: the last turn is 'user'"),
+    ("sharegpt", json.dumps({"conversations": [{"from": "gpt", "value": "x"}, {"from": "gpt", "value": "y"}]}),
+     "conversations[1].from: got 'assistant' where 'user' belongs"),
     ("sharegpt", json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"}]}),
      "conversations[1].from: got 'user' where 'assistant' belongs"),
     ("sharegpt", json.dumps({"system": "S", "conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"}]}),

@@ -272,7 +272,7 @@ def test_cli_defaults_fit_the_model_and_print_only_the_reply(export):
     r = run_cli("--model", str(path), "--prompt", prompt, "--seed", "0")  # otherwise the defaults
     assert r.returncode == 0, r.stderr
     # what the library gives for as many new tokens as fit, with the command line's defaults
-    ids = tok.encode(data.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True), bos=True)
+    ids = tok.encode(tok.render([{"role": "user", "content": prompt}], add_generation_prompt=True), bos=True)
     room = 64 - len(ids)
     [reply] = generate(load_model(path), [ids], room, temperature=0.7, top_p=0.9, eos_id=tok.eos_id, seed=0)
     assert r.stdout == data.decode_response(tok, reply) + "\n"  # the reply and nothing else
@@ -288,3 +288,19 @@ def test_cli_refuses_a_prompt_with_no_room(export):
     assert r.returncode != 0
     assert r.stdout == ""
     assert "error: prompt 0 has" in r.stderr and "> the model's max_seq_len 64" in r.stderr
+
+
+def test_cli_chats_through_the_checkpoints_own_template(smollm2_dir, one_thread):
+    """SmolLM2-135M-Instruct (dequantised from 4 bits: a slightly degraded SmolLM2): the prompt in its
+    ChatML template, the reply greedy, stopped at <|im_end|>: what transformers' generate says."""
+    transformers = pytest.importorskip("transformers")
+    prompt = "What is the capital of France? Réponds en français."
+    r = run_cli("--model", smollm2_dir, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    x = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)
+    out = hf.generate(**x, max_new_tokens=24, do_sample=False)[0, x["input_ids"].shape[1]:].tolist()
+    assert 2 in out  # it stopped at <|im_end|> (id 2) before the limit
+    assert r.stdout == hf_tok.decode(out[:out.index(2)]) + "\n"

@@ -26,6 +26,7 @@ import selfplay
 import train
 from model import ModelArgs, Transformer, load_model, save_model
 from space import sequence_logprobs, space_loss
+from tokenizer import ZEPHYR_TEMPLATE, render_template
 
 TRAIN = os.path.join(ROOT, "train.py")
 # the recipe's switches on: reuse of the previous iteration's samples, β and lr per iteration, an SFT
@@ -402,7 +403,8 @@ def test_tokenizer_that_exports_cannot_carry_fails_at_start(tmp_path):
     first export after θ_0's evaluation."""
     import io
     import sentencepiece as spm
-    texts = [data.render_chat(c["messages"]).replace(data.EOS, "") for c in data.demo_splits(1, 300, 0, 0)["train"]]
+    texts = [render_template(ZEPHYR_TEMPLATE, c["messages"], bos_token="", eos_token="")
+             for c in data.demo_splits(1, 300, 0, 0)["train"]]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=200, hard_vocab_limit=False,
