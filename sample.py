@@ -12,6 +12,8 @@ Chat with a checkpoint from the command line (the prompt is rendered with its ow
 zephyr's where it has none, and the reply stops at any of its end-of-turn tokens):
 
     python sample.py --model path/to/zephyr-7b-sft-full --prompt "What is a KV cache?"
+    python sample.py --model path/to/SmolLM2-135M-Instruct --prompt "Capital of France?" --temperature 0
+    python sample.py --model path/to/Qwen3-0.6B --prompt "Hi" --chat-template-arg enable_thinking=false
     python sample.py --model out/ckpt --prompt "Once upon a time" --raw --temperature 0 --max-new-tokens 64
     python sample.py --model out/ckpt --prompt "Hi" --device cuda --dtype bfloat16 --seed 0
 
