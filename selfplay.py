@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from parallel import from_rank0
+from parallel import from_rank0, to_device
 from sample import generate
 from space import sequence_logprobs
 
@@ -65,14 +65,6 @@ def score(model, seqs, pad_id, max_tokens=16384) -> list[float]:
     return out
 
 
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """Host batch -> device. On a GPU through pinned memory, so the copy runs asynchronously and the
-    host goes on preparing the next batch instead of waiting for it."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 # -----------------------------------------------------------------------------
 # Chunks of work over the ranks
 
@@ -81,11 +73,26 @@ def chunked(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def map_chunks(items, size, fn, rank, world, desc):
+def rounds(todo, world) -> list[list]:
+    """todo dealt round robin over the ranks, one round of `world` items at a time: round r gives rank
+    i its item r·world + i. Every rank goes through the same rounds, so a collective can be asked at
+    the start of each: stop(), whether any rank was told to stop (train.py), ends the rounds there on
+    every rank alike, where a rank that left alone would leave the others waiting in their next one."""
+    return [todo[r:r + world] for r in range(0, len(todo), world)]
+
+
+def map_chunks(items, size, fn, rank, world, desc, stop=None):
     """fn(c, chunk c of items) for every chunk, chunk c on rank c % world; every rank gets all results,
-    in order. Used where the results are small and need no saving (evaluation)."""
-    chunks = list(enumerate(chunked(items, size)))
-    mine = [(c, fn(c, part)) for c, part in tqdm(chunks[rank::world], desc=desc, disable=rank != 0, leave=False)]
+    in order, or None on every rank where stop() said so between two rounds. Used where the results
+    are small and need no saving (evaluation)."""
+    chunks = chunked(items, size)
+    mine = []
+    for round_ in tqdm(rounds(list(range(len(chunks))), world), desc=desc, disable=rank != 0, leave=False):
+        if stop is not None and stop():
+            return None
+        if rank < len(round_):
+            c = round_[rank]
+            mine.append((c, fn(c, chunks[c])))
     if dist.is_initialized():
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
@@ -122,14 +129,16 @@ def previous_samples(cfg, t, n_prompts) -> list[list[dict]]:
     return reused
 
 
-def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> tuple[list[dict], float | None]:
+def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world, stop=None) -> tuple[list[dict] | None, float | None]:
     """Step 1 of the algorithm for iteration t: K samples per prompt from θ_t (policy), the reused
     samples of earlier iterations, and θ_t's reference scores of every response (scorer(seqs) -> s_θt
     of each (ids, loss_mask), computed as training computes s_θ; `score` above does the work).
     Returns every record iteration t trains on, on every rank (OUT/iter_t/selfplay.jsonl holds them),
     and the share of the responses drawn here whose stored text re-encodes to other ids than were
     sampled (None if none were drawn here: a resumed round). Byte-level BPE can do that: a split the
-    tokenizer would not make, or a character cut at the length limit. Training uses the re-encoded ids."""
+    tokenizer would not make, or a character cut at the length limit. Training uses the re-encoded ids.
+    stop() is asked before each round of chunks (see rounds); where it says so the round ends there and
+    the records are None: the chunks done are on disk, and a resumed run draws the others."""
     folder = os.path.join(cfg.out, f"iter_{t}")
     final = os.path.join(folder, "selfplay.jsonl")
 
@@ -152,7 +161,12 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> tuple[li
         reuse = f"; reusing the samples of iterations {max(0, t - cfg.mix_previous)}..{t - 1}" if t and cfg.mix_previous else ""
         print(f"iteration {t}: generating {len(todo)} of {len(prompts)} chunks ({len(prompts) - len(todo)} already "
               f"on disk){reuse}", flush=True)
-    for c in tqdm(todo[rank::world], desc=f"generate iter {t}", disable=rank != 0, leave=False):
+    for round_ in tqdm(rounds(todo, world), desc=f"generate iter {t}", disable=rank != 0, leave=False):
+        if stop is not None and stop():
+            return None, None
+        if rank >= len(round_):
+            continue
+        c = round_[rank]
         ids = [data.encode_prompt(tok, p, cfg.max_prompt)[0] for p, _ in prompts[c]]
         # one seed per chunk of prompts: the same samples whatever the number of ranks; one prefill
         # per prompt, its cache rows copied K times, so the replies come prompt-major
@@ -191,10 +205,11 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world) -> tuple[li
 # Evaluation and what the model says
 
 
-def evaluate(policy, scorer, tok, chats, cfg, rank, world, exact: bool) -> dict:
+def evaluate(policy, scorer, tok, chats, cfg, rank, world, exact: bool, stop=None) -> dict | None:
     """Greedy exact match (demo task only) and the log-likelihood of the held-out real responses, per
     response and per token (on real data response lengths differ by 100x, so the per-response mean is
-    dominated by the long ones)."""
+    dominated by the long ones). None where stop() ended it between two rounds of chunks: nothing of it
+    is kept, a resumed run evaluates again."""
     def work(c, part):
         prompts = [data.split_chat(ch["messages"]) for ch in part]
         seqs = [data.encode_example(tok, p, y, cfg.max_prompt, cfg.max_length)[:2] for p, y in prompts]
@@ -206,7 +221,9 @@ def evaluate(policy, scorer, tok, chats, cfg, rank, world, exact: bool) -> dict:
         out = generate(policy, ids, cfg.max_new_tokens, temperature=0.0, eos_id=tok.end_of_turn_ids)
         hits = [float(data.exact_match(data.decode_response(tok, o), y)) for o, (_, y) in zip(out, prompts)]
         return list(zip(hits, logp, n))
-    results = map_chunks(chats, cfg.gen_batch, work, rank, world, "evaluate")
+    results = map_chunks(chats, cfg.gen_batch, work, rank, world, "evaluate", stop)
+    if results is None:
+        return None
     out = {"eval/heldout_logp": sum(s for _, s, _ in results) / len(results),
            "eval/heldout_logp_token": sum(s for _, s, _ in results) / max(1, sum(n for _, _, n in results))}
     if exact:  # exact match only means something on the demo task

@@ -7,6 +7,7 @@ Self-play fine-tuning, one loop from SFT through T self-play iterations: SPACE (
     python train.py --preset smoke                       # the demo shrunk to under a minute (tests)
     torchrun --nproc_per_node 2 train.py --preset smoke  # the same on 2 processes: FSDP2 over gloo
     python train.py --out out/demo --resume              # continue a killed run where it stopped
+    python train.py --preset smoke --lora 4 --lr 1e-4    # rank-4 LoRA adapters train, merged per iteration
     torchrun --nproc_per_node 8 train.py --preset paper --model zephyr-7b-sft-full \\
         --data ultrachat_50k.jsonl --method spin --out runs/spin   # SPIN's published recipe (README)
 
@@ -26,11 +27,18 @@ its greedy replies to the first 8 of them go to OUT/iter_t/samples.jsonl.
 Every --ckpt-every steps the full state (weights, optimizer, step, iteration, phase and the metrics
 file's length) is written with torch.distributed.checkpoint; --resume continues from it, with any
 number of ranks, and ends where an uninterrupted run ends. A NaN or inf loss stops the run before
-the optimizer step, so the last checkpoint stays good. Across nodes OUT must be a shared filesystem.
+the optimizer step, so the last checkpoint stays good. SIGTERM or SIGUSR1 (a cluster preempting the
+job) stops every rank at the next safe point, where the run checkpoints, writes OUT/stopped.json and
+prints the --resume command (Preemption). Across nodes OUT must be a shared filesystem.
 
-This file is the loop, read top to bottom. Three ideas live beside it: selfplay.py (the round of
-step 1, and evaluation), parallel.py (process group, FSDP2/HSDP, rank-0 decisions) and
-checkpoint.py (resume checkpoints and exports).
+With --lora R each iteration trains a fresh rank-R adapter on the frozen θ_t (bf16 on the device with
+--bf16) instead of every weight; at its end the adapter is merged in fp32 into θ_t's fp32 master,
+which rank 0 keeps in host memory, giving θ_{t+1}. OUT/iter_{t+1}/ is the merged model in fp32, and
+OUT/iter_{t+1}/adapter/ the adapter in PEFT's format, on top of OUT/iter_t.
+
+This file is the loop, read top to bottom. Four ideas live beside it: selfplay.py (the round of
+step 1, and evaluation), parallel.py (process group, FSDP2/HSDP, rank-0 decisions),
+checkpoint.py (resume checkpoints and exports) and lora.py (the adapter, its merge and its format).
 """
 import argparse
 import datetime
@@ -38,25 +46,30 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import signal
+import sys
 import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from tqdm import tqdm
 
 import data
-from checkpoint import Run, export, latest_checkpoint, load_optimizer, resume, save_checkpoint
+from checkpoint import Run, checkpoint_name, export, latest_checkpoint, load_weights, resume, resume_phase, save_checkpoint
+from lora import (ALL_TARGETS, adapter_state, add_lora, init_adapters, lora_modules, merge_weights, parse_targets, row_keys,
+                  save_adapter, set_dropout_rows)
 from model import ModelArgs, Transformer, load_model
 from parallel import (all_sum, barrier, check_shared_out, from_rank0, frozen_copy, parallelize, print0,
-                      setup_distributed)
-from selfplay import evaluate, score, self_play_round, to_device
+                      setup_distributed, to_device)
+from selfplay import evaluate, greedy_samples, score, self_play_round
 from space import gem_loss, ipo_loss, reward_metrics, sequence_logprobs, sft_loss, simpo_loss, space_loss, spin_loss
 from tokenizer import Tokenizer, add_template_flags, export_tokenizer, parse_template_args
 
 # -----------------------------------------------------------------------------
-# Presets: every flag's default. A flag given on the command line wins.
+# Run recipes (--preset): every flag's default. A flag given on the command line wins.
 
 DEMO = dict(
     # a tiny Mistral trained from scratch on the generated task (data.demo_splits)
@@ -69,7 +82,7 @@ DEMO = dict(
     max_new_tokens=24, temperature=1.0, top_p=1.0, gen_batch=256, score_tokens=8192, ckpt_every=50,
     log_every=10, bf16=False,
 )
-PRESETS = {
+RECIPES = {
     "demo": DEMO,
     "smoke": {**DEMO, "model_config": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                                            hidden_dim=160, sliding_window=16, max_seq_len=128),
@@ -108,7 +121,7 @@ def at(values, t):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="demo", help="defaults for every flag below (paper: per --method)")
+    p.add_argument("--preset", choices=RECIPES, default="demo", help="defaults for every flag below (paper: per --method)")
     p.add_argument("--model", help="HF or Mistral checkpoint folder to start self-play from (else SFT from scratch)")
     p.add_argument("--data", help="chat JSONL for self-play (else the built-in demo task)")
     p.add_argument("--eval-data", help="chat JSONL of held-out conversations (default: the last --n-test of --data)")
@@ -154,6 +167,16 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 compute (FSDP mixed precision or autocast)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in backward")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="train rank-R LoRA adapters instead of every weight, in the self-play iterations and "
+                        "--method sft (GEM too): a fresh adapter per iteration on the frozen θ_t, merged in fp32 "
+                        "into θ_{t+1} at its end and saved beside it in PEFT's format (OUT/iter_{t+1}/adapter). The "
+                        "demo's SFT from scratch that makes θ_0 stays full fine-tuning: an adapter on random "
+                        "weights learns little. 0: off. A variant, not the papers' setting (README)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA's α: the update is (α/R) B A (default 2R)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    p.add_argument("--lora-targets", default=" ".join(ALL_TARGETS),
+                   help="the projections that get adapters: some of wq wk wv wo (attention) w1 w2 w3 (feed-forward)")
     p.add_argument("--shard-size", type=int, default=0,
                    help="ranks per FSDP shard group; fewer than all gives HSDP (e.g. GPUs per node: shard within a "
                         "node, replicate across nodes). 0: all ranks")
@@ -168,18 +191,41 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0, help="demo: which problems make up the splits")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
     p.add_argument("--inject-nan-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: NaN loss at this step
+    # tests: SIGTERM sent by the run itself (the smoke phases last under a second), see Preemption
+    p.add_argument("--inject-signal-step", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--inject-signal-check", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--inject-second-signal", action="store_true", help=argparse.SUPPRESS)
     args, _ = p.parse_known_args(argv)
-    preset = dict(PRESETS[args.preset])
+    preset = dict(RECIPES[args.preset])
     preset.update(preset.pop("by_method", {}).get(args.method, {}))
     p.set_defaults(**preset)
     args = p.parse_args(argv)
     args.lr = schedule(args.lr, "--lr", p)
     args.beta = schedule(args.beta or BETA[args.method] or "0", "--beta", p)
+    if args.lora < 0 or not 0 <= args.lora_dropout < 1:
+        p.error(f"--lora {args.lora} --lora-dropout {args.lora_dropout}: need R >= 0 and a dropout in [0, 1)")
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora
     try:
         args.chat_template_arg = parse_template_args(args.chat_template_arg)
+        args.lora_targets = parse_targets(args.lora_targets)
     except ValueError as e:
         p.error(str(e))
     return args
+
+def check_inputs(cfg):
+    """Files and folders the flags name, checked before any work: one line naming the flag and the path
+    (not a traceback from deep inside the tokenizer or the JSONL reader, after the process group is up)."""
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--tokenizer", cfg.tokenizer)):
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"{flag} {path}: no such file")
+    if cfg.model is not None:
+        if not os.path.isdir(cfg.model):
+            raise SystemExit(f"--model {cfg.model}: no such folder")
+        if cfg.tokenizer is None and not any(os.path.isfile(os.path.join(cfg.model, name))
+                                             for name in ("tokenizer.json", "tokenizer.model")):
+            raise SystemExit(f"--model {cfg.model}: the folder has neither a tokenizer.json nor a tokenizer.model "
+                             "(pass --tokenizer FILE)")
 
 # -----------------------------------------------------------------------------
 # θ_0, and θ_t as the opponent of its round
@@ -195,7 +241,7 @@ def build_model(cfg, tok, rank, world, device, mesh):
         full = load_model(cfg.model) if rank == 0 else None  # fp32 master weights, on the CPU
         with torch.device("meta"):
             model = Transformer(from_rank0(lambda: full.args))
-        model = parallelize(model, cfg, world, device, mesh)
+        model = parallelize(model, world, mesh, cfg.bf16, cfg.activation_checkpointing)
         set_model_state_dict(model, full.state_dict() if rank == 0 else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return model
@@ -204,7 +250,7 @@ def build_model(cfg, tok, rank, world, device, mesh):
     else:
         margs = ModelArgs(**cfg.model_config, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
         model = Transformer(margs).init_weights(cfg.seed).to(device)
-    return parallelize(model, cfg, world, device, mesh)
+    return parallelize(model, world, mesh, cfg.bf16, cfg.activation_checkpointing)
 
 
 def autocast(cfg, device):
@@ -212,7 +258,53 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and not dist.is_initialized())
 
 
-def opponent(model, cfg, world, device):
+def theta_master(cfg, t, model, rank):
+    """--lora: θ_t's weights in fp32, whole, on rank 0's host (None on the other ranks), and its
+    ModelArgs (every rank). From the model the SFT phase just trained (θ_0 of the demo), from --model
+    (θ_0), or from OUT/iter_t, which is exported before any checkpoint of iteration t is written.
+    At 7B this is 29 GB of host memory; the device holds the bf16 copy (--bf16)."""
+    if model is not None:  # gathered from the shards, one tensor at a time, into rank 0's memory
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return ({k: v.to("cpu", torch.float32) for k, v in state.items()} if rank == 0 else None), model.args
+    src = cfg.model if t == 0 and cfg.model else os.path.join(cfg.out, f"iter_{t}")
+    full = load_model(src) if rank == 0 else None
+    return (full.state_dict() if rank == 0 else None), from_rank0(lambda: full.args)
+
+
+def lora_model(cfg, margs, master, t, rank, world, device, mesh):
+    """Iteration t's model: θ_t frozen (bf16 with --bf16: the memory LoRA exists to save) with a fresh
+    adapter on every --lora-targets projection (B = 0, A seeded by (seed, t)), sharded as build_model
+    shards, the adapters with their layers. Built on the meta device, so the device never holds an
+    fp32 copy of the base; rank 0 hands out master (θ_t in fp32) tensor by tensor."""
+    with torch.device("meta"):
+        model = Transformer(margs)
+    if cfg.bf16:
+        model = model.to(torch.bfloat16)
+    add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed, t)
+    model = parallelize(model, world, mesh, cfg.bf16, cfg.activation_checkpointing)
+    model.to_empty(device=device)
+    if world == 1:
+        model.load_state_dict(master, strict=False)  # each fp32 tensor copied into its (bf16) place
+    else:
+        # a copy of the dict: set_model_state_dict puts this rank's shards into the dict it is given
+        set_model_state_dict(model, dict(master) if rank == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    init_adapters(model, cfg.seed, t)
+    return model
+
+
+def export_merged(cfg, margs, master, adapters, tok, t):
+    """θ_{t+1} = θ_t + (α/R) B A, exported by rank 0: OUT/iter_{t+1}/ the merged model in fp32 (as every
+    export of a --lora run: the master's precision), OUT/iter_{t+1}/adapter/ the adapter on OUT/iter_t."""
+    folder = os.path.join(cfg.out, f"iter_{t + 1}")
+    with torch.device("meta"):
+        shape = Transformer(margs)  # what save_model reads of a model: its args
+    export(shape, tok, folder, source_dir=cfg.model, state_dict=master)
+    save_adapter(os.path.join(folder, "adapter"), adapters, cfg.lora, cfg.lora_alpha, cfg.lora_targets,
+                 base_model_name_or_path=os.path.abspath(os.path.join(cfg.out, f"iter_{t}")), dropout=cfg.lora_dropout)
+
+
+def opponent(model, cfg, world, device, pad_id):
     """θ_t for its round: (policy, scorer), scorer(seqs) -> s_θt of each (ids, loss_mask).
 
     policy generates and is exported: an unsharded model in bf16 with --bf16, used outside autocast
@@ -222,24 +314,136 @@ def opponent(model, cfg, world, device):
     autocast with --bf16; under FSDP the gathered copy, whose bf16 weights are those FSDP's bf16
     policy computes with."""
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    if world == 1:
-        policy, live = (model if dtype == torch.float32 else frozen_copy(model, dtype, device)), model
+    if world == 1:  # with --lora the live model's base is already in dtype, and its fresh adapter adds 0
+        policy, live = (model if dtype == torch.float32 or cfg.lora else frozen_copy(model, dtype, device)), model
     else:
         policy = live = frozen_copy(model, dtype, device)
 
     def scorer(seqs):
         with autocast(cfg, device):
-            return score(live, seqs, cfg.pad_id, cfg.score_tokens)
+            return score(live, seqs, pad_id, cfg.score_tokens)
     return policy, scorer
+
+# -----------------------------------------------------------------------------
+# Preemption: a signal stops the run at the next safe point, every rank at the same one
+STOPPED = "stopped.json"  # OUT/stopped.json: the run stopped on a signal and can be resumed
+
+
+class Preemption:
+    """SIGTERM (a cluster preempting the job: SLURM, Kubernetes) or SIGUSR1 (SLURM's --signal, ahead of
+    the time limit) asks the run to stop. The handler only notes it; the loop asks at its safe points
+    whether any rank was signalled, through a collective that every rank reaches at the same points
+    (Megatron-LM's --exit-signal-handler does the same), so all stop together: in training after the
+    current optimizer step (the flags ride on the step's one read-back, no extra collective), in
+    generation after the current round of chunks, in evaluation where it stands. A rank that stopped
+    alone would leave the others waiting in their next collective until --dist-timeout. Signals after
+    the first are noted and ignored: the checkpoint being written is never cut short.
+
+    The hidden test flags make the run signal itself: --inject-signal-step K (rank 0, during global
+    step K; under torchrun to its agent, which forwards it to every worker), --inject-signal-check N
+    (the last rank alone, just before the N-th check outside training) and --inject-second-signal (each
+    rank again as its stop's checkpoint starts)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, cfg, rank, world, device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.received = None   # the first signal this rank got
+        self.stopping = None   # the signal the ranks agreed to stop on (the first one any rank got)
+        self.checks = 0
+        for s in self.SIGNALS:
+            signal.signal(s, self.handler)
+
+    def handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            print(f"rank {self.rank}: {name}: stopping at the next safe point, with a checkpoint", flush=True)
+        else:
+            print(f"rank {self.rank}: {name} again: ignored, the run is already stopping", flush=True)
+
+    def flags(self) -> list[float]:
+        """This rank's vote, one number per signal, to be summed over the ranks."""
+        return [float(self.received == s) for s in self.SIGNALS]
+
+    def agree(self, summed) -> bool:
+        """summed: flags() summed over the ranks. True on every rank if any rank was signalled."""
+        for s, n in zip(self.SIGNALS, summed):
+            if n > 0 and self.stopping is None:
+                self.stopping = s
+        return self.stopping is not None
+
+    def __call__(self) -> bool:
+        """A safe point outside training (one round of generation or evaluation chunks): a collective."""
+        self.checks += 1
+        if self.checks == self.cfg.inject_signal_check and self.rank == self.world - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.agree(all_sum(self.flags(), self.device))
+
+    def inject_at_step(self, global_step):
+        """--inject-signal-step: rank 0 sends SIGTERM, under torchrun to its agent, and waits until the
+        signal is back with itself, so the stop lands at this step whatever the forwarding's delay."""
+        if global_step != self.cfg.inject_signal_step or self.rank != 0:
+            return
+        os.kill(os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 60
+        while self.received is None and time.time() < deadline:
+            time.sleep(0.01)
+
+    def before_checkpoint(self):
+        if self.cfg.inject_second_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def resume_command(world):
+    """The command line that continues this run: the same flags with --resume (hidden test flags left out)."""
+    args, words = [], iter(sys.argv[1:])
+    for a in words:
+        if a in ("--inject-nan-step", "--inject-signal-step", "--inject-signal-check"):
+            next(words, None)  # and its value
+        elif not a.startswith("--inject-"):
+            args.append(a)
+    args += [] if "--resume" in args else ["--resume"]
+    if world == 1:
+        return shlex.join([os.path.basename(sys.executable), sys.argv[0], *args])
+    nodes, local = world // int(os.environ.get("LOCAL_WORLD_SIZE", world)), os.environ.get("LOCAL_WORLD_SIZE", world)
+    launcher = ["torchrun", "--nproc_per_node", str(local)] + (["--nnodes", str(nodes)] if nodes > 1 else [])
+    return shlex.join([*launcher, sys.argv[0], *args]) + (" (on every node, with its rendezvous flags)" if nodes > 1 else "")
+
+
+def stop_run(run, model, stop, world):
+    """The ranks agreed to stop: make sure the latest checkpoint is where the run stands (mid-phase,
+    train_phase has written it with the optimizer; at an iteration's start it exists already), record
+    the stop in OUT/stopped.json, say where and how to resume, and exit with 128 + the signal's number,
+    a shell's status for a process the signal ended (under torchrun the agent exits 1 whatever the
+    workers return, so a job script reads stopped.json instead)."""
+    if run.latest != checkpoint_name(run):
+        stop.before_checkpoint()
+        save_checkpoint(run, model)
+    name = signal.Signals(stop.stopping).name
+    if run.rank == 0:
+        ckpt = os.path.join(run.out, "ckpt", run.latest)
+        command = resume_command(world)
+        record = {"signal": name, "phase": run.phase, "iteration": run.iteration, "step": run.step,
+                  "global_step": run.global_step, "checkpoint": ckpt, "resume": command}
+        with open(os.path.join(run.out, STOPPED + ".tmp"), "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(os.path.join(run.out, STOPPED + ".tmp"), os.path.join(run.out, STOPPED))
+        print(f"stopped by {name} at {run.phase} {run.iteration}, step {run.step} (global step {run.global_step}); "
+              f"checkpoint {ckpt}\nresume with: {command}", flush=True)
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(128 + stop.stopping)
 
 # -----------------------------------------------------------------------------
 # Training: one phase is E epochs of one loss over one dataset, with a fresh optimizer and schedule
 
 
 def make_optimizer(model, cfg, lr):
+    params = [p for p in model.parameters() if p.requires_grad]  # with --lora the adapters alone: no state for the base
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
 def lr_at(step, total, peak, cfg):
@@ -254,29 +458,36 @@ def lr_at(step, total, peak, cfg):
     return peak
 
 
-def micro_loss(model, method, cfg, examples, counts, world, beta):
+def make_batch(examples, pad_id, device):
+    """A micro-batch of examples -> tensors on the device: tokens, targets and loss mask [B·(1+K), T],
+    each example's sequences in a row (the real response first), and ref [B, 1+K], θ_t's stored scores
+    of those sequences (self-play only)."""
+    tokens, targets, mask = (to_device(t, device) for t in
+                             data.collate([s for ex in examples for s in ex["seqs"]], pad_id))
+    batch = {"tokens": tokens, "targets": targets, "mask": mask}
+    if "ref" in examples[0]:
+        batch["ref"] = to_device(torch.tensor([ex["ref"] for ex in examples]), device)   # [B, 1+K]
+    return batch
+
+
+def micro_loss(model, method, cfg, batch, counts, world, beta):
     """The loss of one micro-batch, scaled so that summing over micro-batches and averaging over
     ranks (FSDP's reduce-scatter divides by the world size) gives the gradient of the global batch's
-    mean loss, whatever the number of ranks. counts: the global batch's prompts, response tokens and
-    real-response tokens. Returns (scaled loss, metrics summed over the micro-batch, as 0-d tensors:
-    they are read back once per step, not once per micro-batch)."""
-    if method == "sft":
-        # examples: (ids, loss_mask); normalised by the response tokens of the whole global batch
-        tokens, targets, mask = (to_device(t, cfg.device) for t in data.collate(examples, cfg.pad_id))
-        hidden = model(tokens, return_hidden=True)
+    mean loss, whatever the number of ranks. counts: the global batch's prompts and real-response
+    tokens. Returns (scaled loss, metrics summed over the micro-batch, as 0-d tensors: they are read
+    back once per step, not once per micro-batch)."""
+    hidden = model(batch["tokens"], return_hidden=True)
+    targets, mask = batch["targets"], batch["mask"]
+    if method == "sft":  # normalised by the response tokens of the whole global batch
         if cfg.sft_loss == "gem":
             loss = gem_loss(hidden, model.output.weight, targets, mask, beta=cfg.gem_beta, h=cfg.gem_h,
-                            num_tokens=counts["tokens"])
+                            num_tokens=counts["real_tokens"])
         else:
-            loss = sft_loss(hidden, model.output.weight, targets, mask, num_tokens=counts["tokens"])
+            loss = sft_loss(hidden, model.output.weight, targets, mask, num_tokens=counts["real_tokens"])
         return loss * world, {"loss": loss.detach()}
-    # examples: self-play records, each with its 1 + K encoded sequences
-    B, K1 = len(examples), len(examples[0]["seqs"])
-    tokens, targets, mask = (to_device(t, cfg.device) for t in
-                             data.collate([s for ex in examples for s in ex["seqs"]], cfg.pad_id))
-    hidden = model(tokens, return_hidden=True)
+    ref = batch["ref"]
+    B, K1 = ref.shape
     logp = sequence_logprobs(hidden, model.output.weight, targets, mask).view(B, K1)   # [B, 1+K]
-    ref = to_device(torch.tensor([[ex["ref_real"]] + ex["ref_generated"] for ex in examples]), cfg.device)
     n = mask.sum(1).view(B, K1).float()                                                # response lengths
     real, gen, ref_real, ref_gen = logp[:, 0], logp[:, 1:], ref[:, 0], ref[:, 1:]
     if method == "space":
@@ -300,51 +511,61 @@ def micro_loss(model, method, cfg, examples, counts, world, beta):
     return loss * world, metrics
 
 
-def train_phase(model, cfg, run, method, examples, epochs, lr, beta, batch_size, micro_batch_size, phase_seed):
-    """E epochs over examples, resuming at run.step; a checkpoint every cfg.ckpt_every steps."""
+def train_phase(model, cfg, run, device, pad_id, stop, method, examples, epochs, lr, beta, batch_size, micro_batch_size,
+                seed) -> dict | None:
+    """E epochs over examples, resuming at run.step; a checkpoint every cfg.ckpt_every steps. Returns
+    the phase's means of the per-step rewards and accuracy (self-play), for the next evaluation's row;
+    None where a signal stopped it (stop: Preemption) after an optimizer step, with a checkpoint there."""
     steps_per_epoch = len(examples) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} examples do not fill one global batch of {batch_size} (--batch-size)")
     total = steps_per_epoch * epochs
     opt = make_optimizer(model, cfg, lr)
-    if run.step > 0:
-        load_optimizer(cfg, model, opt)  # mid-phase: the optimizer's state too
+    # the phase's per-step rewards and accuracy, summed; mid-phase they go on from the checkpoint's
+    sums = resume_phase(run, model, opt) if run.step > 0 else {}
     bar = tqdm(total=total, initial=run.step, desc=f"{run.phase} {run.iteration} ({method})", disable=run.rank != 0, leave=False)
+    model.train()
+    dropout = any(m.p > 0 for m in lora_modules(model).values())
     order, order_epoch = None, None
     while run.step < total:
         epoch, k = divmod(run.step, steps_per_epoch)
         if order_epoch != epoch:
-            order, order_epoch = data.batches(len(examples), batch_size, phase_seed, epoch, run.rank, run.world), epoch
-        local = [examples[i] for i in order[k]]
+            order, order_epoch = data.batches(len(examples), batch_size, seed, epoch, run.rank, run.world), epoch
+        local_ids = order[k]
+        local = [examples[i] for i in local_ids]
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(run.step, total, lr, cfg)
         counts = {"prompts": batch_size}  # normalisers over the global batch, whatever the ranks hold
-        if method == "sft":  # its response tokens
-            counts["tokens"] = all_sum([sum(sum(m[1:]) for _, m in local)], cfg.device)[0]
-        elif cfg.sft_weight:  # its real responses' tokens
-            counts["real_tokens"] = all_sum([sum(sum(ex["seqs"][0][1][1:]) for ex in local)], cfg.device)[0]
-        sums, n_tokens = {}, 0
+        if method == "sft" or cfg.sft_weight:  # the real responses' tokens (SFT's only response)
+            counts["real_tokens"] = all_sum([sum(sum(ex["seqs"][0][1][1:]) for ex in local)], device)[0]
+        step_sums, n_tokens = {}, 0
         for i in range(0, len(local), micro_batch_size):
             micro = local[i:i + micro_batch_size]
+            if dropout:  # LoRA dropout's masks, keyed by each sequence's number in the data, not its slot here
+                K1 = len(micro[0]["seqs"])
+                set_dropout_rows(model, row_keys(cfg.seed, run.iteration, run.step,
+                                                 [e * K1 + j for e in local_ids[i:i + micro_batch_size] for j in range(K1)]))
             if run.world > 1:  # by default gradients are reduce-scattered once per step, after the last micro-batch
                 model.set_requires_gradient_sync(cfg.reduce_every_micro_batch or i + micro_batch_size >= len(local))
-            with autocast(cfg, cfg.device):
-                loss, metrics = micro_loss(model, method, cfg, micro, counts, run.world, beta)
+            with autocast(cfg, device):
+                loss, metrics = micro_loss(model, method, cfg, make_batch(micro, pad_id, device), counts, run.world, beta)
             if run.global_step == cfg.inject_nan_step:
                 loss = loss * math.nan
                 metrics["loss"] = metrics["loss"] * math.nan
             loss.backward()
+            stop.inject_at_step(run.global_step)
             for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + v
-            n_tokens += sum(len(s[0]) for ex in micro for s in (ex["seqs"] if isinstance(ex, dict) else [ex]))
+                step_sums[key] = step_sums.get(key, 0.0) + v
+            n_tokens += sum(len(ids) for ex in micro for ids, _ in ex["seqs"])
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        keys = sorted(sums)
-        # the step's one read-back: the metrics summed over the ranks, and the gradient norm (the same
-        # global value on every rank, so its sum over the ranks / world is itself)
-        *values, norm = all_sum([sums[key] for key in keys] + [n_tokens, norm / run.world], cfg.device)
+        keys = sorted(step_sums)
+        # the step's one read-back: the metrics summed over the ranks, the gradient norm (the same
+        # global value on every rank, so its sum over the ranks / world is itself), and the stop votes
+        values = all_sum([step_sums[key] for key in keys] + [n_tokens, norm / run.world] + stop.flags(), device)
         totals = dict(zip(keys + ["tokens"], values))
+        norm, stopping = values[len(keys) + 1], stop.agree(values[len(keys) + 2:])
         if not (math.isfinite(totals["loss"]) and math.isfinite(norm)):
             raise FloatingPointError(
                 f"loss is {totals['loss']} (gradient norm {norm}) at {run.phase} {run.iteration}, step {run.step} (global step "
@@ -356,8 +577,7 @@ def train_phase(model, cfg, run, method, examples, epochs, lr, beta, batch_size,
         run.global_step += 1
         for key in keys:
             if key.startswith("rewards/") or key == "accuracy":
-                run.stats[key] = run.stats.get(key, 0.0) + totals[key]
-        run.stats["steps"] = run.stats.get("steps", 0) + 1
+                sums[key] = sums.get(key, 0.0) + totals[key]
         bar.update(1)
         bar.set_postfix(loss=f"{totals['loss']:.4f}")
         if run.step % cfg.log_every == 0 or run.step == total:
@@ -365,9 +585,15 @@ def train_phase(model, cfg, run, method, examples, epochs, lr, beta, batch_size,
             run.log({"step": run.global_step, "phase": run.phase, "iteration": run.iteration, "method": method,
                      "epoch": epoch, **{k: totals[k] for k in keys}, "lr": opt.param_groups[0]["lr"], **extra,
                      "grad_norm": norm, "tokens/s": totals["tokens"] / (time.time() - t0)})
+        if stopping and run.step < total:  # at the phase's end the loop's own checkpoint is the stop's
+            stop.before_checkpoint()
+            save_checkpoint(run, model, opt, sums)
+            bar.close()
+            return None
         if run.step % cfg.ckpt_every == 0 and run.step < total:
-            save_checkpoint(cfg, run, model, opt)
+            save_checkpoint(run, model, opt, sums)
     bar.close()
+    return {k: v / total for k, v in sums.items()}
 
 # -----------------------------------------------------------------------------
 # The data of a run
@@ -460,24 +686,24 @@ def load_tokenizer(cfg, rank):
 
 
 def encode_phase_data(tok, cfg, method, chats, records):
-    """What a phase trains on: (ids, loss_mask) per chat for SFT; for self-play, per prompt its real
-    and K generated responses, encoded the same way, with their stored reference scores."""
+    """What a phase trains on, one shape for every method: per example its sequences, (ids, loss_mask)
+    each, the real response first; for self-play the K generated responses follow, and "ref" holds
+    θ_t's stored scores of all 1 + K."""
     truncated = 0
+    out = []
     if method == "sft":
-        out = []
         for ch in chats:
             ids, m, cut = data.encode_example(tok, *data.split_chat(ch["messages"]), cfg.max_prompt, cfg.max_length)
-            out.append((ids, m))
+            out.append({"seqs": [(ids, m)]})
             truncated += cut
     else:
-        out = []
         for r in records:
             seqs = []
             for y in [r["real"]] + r["generated"]:
                 ids, m, cut = data.encode_example(tok, r["messages"], y, cfg.max_prompt, cfg.max_length)
                 seqs.append((ids, m))
                 truncated += cut
-            out.append({"seqs": seqs, "ref_real": r["ref_real"], "ref_generated": r["ref_generated"]})
+            out.append({"seqs": seqs, "ref": [r["ref_real"]] + r["ref_generated"]})
     print0(f"{len(out)} examples, {truncated} sequences truncated (max prompt {cfg.max_prompt}, max length {cfg.max_length})")
     return out
 
@@ -486,75 +712,129 @@ def encode_phase_data(tok, cfg, method, chats, records):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    rank, world, device, mesh = setup_distributed(cfg)
-    cfg.device = device
+    check_inputs(cfg)
+    rank, world, device, mesh = setup_distributed(cfg.shard_size, cfg.dist_timeout)
+    stop = Preemption(cfg, rank, world, device)  # from here on a signal waits for the next safe point
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
     check_shared_out(cfg.out, rank, world)
     # rank 0 reads the run folder and decides; every rank follows (node-local disks would disagree)
-    resuming, stale = from_rank0(lambda: (latest_checkpoint(cfg) is not None,
+    resuming, stale = from_rank0(lambda: (latest_checkpoint(cfg.out) is not None,
                                           any(d.startswith("iter_") for d in os.listdir(cfg.out))))
     if resuming and not cfg.resume:
         raise SystemExit(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
     if not resuming and stale:
         # samples drawn by another run must not be trained on as if they were this run's
         raise SystemExit(f"{cfg.out} holds iter_* folders but no checkpoint: choose another --out or remove them")
-    run = Run(cfg, rank, world)
+    run = Run(cfg.out, rank, world)
     if rank == 0 and not resuming:
         open(run.metrics, "w").close()
     tok, sft_chats, selfplay_chats, held_out = load_data(cfg, rank)
-    cfg.pad_id = tok.pad_id
 
-    # the model: fp32 master weights; bf16 happens in FSDP's mixed precision or autocast
-    model = build_model(cfg, tok, rank, world, device, mesh)
-    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {world} process(es) on {device}")
     if cfg.model:
         run.phase = "iter"
     if resuming:
-        resume(cfg, run, model)
-    elif run.phase == "iter":
-        save_checkpoint(cfg, run, model)  # θ_0 = --model: from here on every kill can resume
+        resume(run)  # where the run stood; the weights follow once the model is built
+        if rank == 0 and os.path.exists(os.path.join(cfg.out, STOPPED)):
+            os.remove(os.path.join(cfg.out, STOPPED))  # it is resumed: no longer a stopped run
 
+    # the model: fp32 master weights; bf16 happens in FSDP's mixed precision or autocast. With --lora
+    # the iterations build their own model from θ_t (lora_model), so the full model is built only for
+    # the SFT that makes θ_0
+    model = None
+    if not (cfg.lora and run.phase == "iter"):
+        model = build_model(cfg, tok, rank, world, device, mesh)
+        print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {world} process(es) on {device}")
+        if resuming:
+            load_weights(run, model)
+        elif run.phase == "iter":
+            save_checkpoint(run, model)  # θ_0 = --model: from here on every kill can resume
+
+    master = margs = None  # --lora: θ_t in fp32, whole, on rank 0's host, and its shape (theta_master)
     if run.phase == "sft":
         examples = encode_phase_data(tok, cfg, "sft", sft_chats, None)
-        train_phase(model, cfg, run, "sft", examples, cfg.sft_epochs, cfg.sft_lr, None, cfg.sft_batch_size,
-                    cfg.sft_batch_size, phase_seed=cfg.seed)
+        if train_phase(model, cfg, run, device, tok.pad_id, stop, "sft", examples, cfg.sft_epochs, cfg.sft_lr, None,
+                       cfg.sft_batch_size, cfg.sft_batch_size, seed=cfg.seed) is None:
+            stop_run(run, model, stop, world)
         run.phase, run.iteration, run.step = "iter", 0, 0
-        save_checkpoint(cfg, run, model)
+        if cfg.lora:  # θ_0 leaves the full model for its export, which comes before its checkpoint
+            master, margs = theta_master(cfg, 0, model, rank)
+            if rank == 0:
+                export(model, tok, os.path.join(cfg.out, "iter_0"), state_dict=master)
+            barrier()
+        save_checkpoint(run, model)
+        if stop.stopping:
+            stop_run(run, model, stop, world)
 
     while True:
         t = run.iteration
         policy = scorer = None
+        if cfg.lora:  # a fresh adapter on θ_t; resumed mid-iteration, the checkpoint's adapter
+            first = margs is None  # this process's first iteration: θ_t from where it lives
+            if first:
+                master, margs = theta_master(cfg, t, None, rank)
+            model = None  # the previous iteration's model (or the SFT's) goes before the next is built
+            model = lora_model(cfg, margs, master, t, rank, world, device, mesh)
+            if first or t == 0:
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                print0(f"LoRA r={cfg.lora} alpha={cfg.lora_alpha:g} on {' '.join(cfg.lora_targets)}: {trainable:,} "
+                       f"trainable parameters, {world} process(es) on {device}")
+            if run.latest is None:
+                save_checkpoint(run, model)  # θ_0 = --model: from here on every kill can resume
+            elif run.step > 0 and run.latest == checkpoint_name(run):
+                load_weights(run, model)
         if run.step == 0:  # the start of iteration t: evaluate and export θ_t
-            policy, scorer = opponent(model, cfg, world, device)
-            result = {"iteration": t, **evaluate(policy, scorer, tok, held_out, cfg, rank, world, exact=not cfg.data)}
-            if t > 0:
-                steps = max(1, run.stats.get("steps", 1))
-                result.update({k: v / steps for k, v in run.stats.items() if k != "steps"})
+            model.eval()
+            policy, scorer = opponent(model, cfg, world, device, tok.pad_id)
+            measured = evaluate(policy, scorer, tok, held_out, cfg, rank, world, exact=not cfg.data, stop=stop)
+            if measured is None:  # stopped where it stood: a resumed run evaluates θ_t again
+                stop_run(run, model, stop, world)
+            result = {"iteration": t, **measured}
+            if t > 0:  # what training iteration t - 1 measured
+                result.update(run.trained)
             run.summary.append(result)
             run.log(result)
             print0(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
             if rank == 0:
-                export(policy, tok, held_out, cfg, t)
+                folder = os.path.join(cfg.out, f"iter_{t}")
+                if not cfg.lora:
+                    export(policy, tok, folder, source_dir=cfg.model)
+                elif t == 0 and cfg.model:  # --lora exports θ_t as it is made (export_merged); θ_0 is --model's, in fp32
+                    export(policy, tok, folder, source_dir=cfg.model, state_dict=master)
+                # what θ_t says: its greedy replies to the first held-out prompts; the first one printed
+                samples = greedy_samples(policy, tok, held_out, cfg)
+                data.save_jsonl(os.path.join(folder, "samples.jsonl"), samples)
+                print(f"θ_{t} on {samples[0]['messages'][-1]['content']!r}: {samples[0]['reply']!r}", flush=True)
             barrier()
         if t == cfg.iterations:
             break
         records = None
         if cfg.method in SELF_PLAY:
             if policy is None:
-                policy, scorer = opponent(model, cfg, world, device)
-            records, changed = self_play_round(policy, scorer, tok, selfplay_chats, cfg, t, rank, world)
+                model.eval()
+                policy, scorer = opponent(model, cfg, world, device, tok.pad_id)
+            records, changed = self_play_round(policy, scorer, tok, selfplay_chats, cfg, t, rank, world, stop)
+            if records is None:  # stopped after a round of chunks, which are on disk
+                stop_run(run, model, stop, world)
             if changed is not None:  # share of samples whose text re-encodes to other ids than were drawn
                 run.log({"iteration": t, "selfplay/reencoded_changed": changed})
                 print0(f"iteration {t}: {changed:.2%} of the generated responses re-encode to other ids than were sampled")
         del policy, scorer
-        if run.step == 0:
-            run.stats = {}
         examples = encode_phase_data(tok, cfg, cfg.method, selfplay_chats, records)
-        train_phase(model, cfg, run, cfg.method, examples, cfg.epochs, at(cfg.lr, t), at(cfg.beta, t),
-                    cfg.batch_size, cfg.micro_batch_size, phase_seed=cfg.seed * 1000 + t + 1)
-        run.iteration, run.step = t + 1, 0
-        save_checkpoint(cfg, run, model)
+        means = train_phase(model, cfg, run, device, tok.pad_id, stop, cfg.method, examples, cfg.epochs, at(cfg.lr, t),
+                            at(cfg.beta, t), cfg.batch_size, cfg.micro_batch_size, seed=cfg.seed * 1000 + t + 1)
+        if means is None:
+            stop_run(run, model, stop, world)
+        if cfg.lora:  # θ_{t+1} = θ_t + (α/R) B A in fp32, exported before the checkpoint that names iteration t + 1
+            adapters = adapter_state(model)
+            if rank == 0:
+                merge_weights(master, adapters, cfg.lora_alpha / cfg.lora)  # in place: θ_t becomes θ_{t+1}
+                export_merged(cfg, margs, master, adapters, tok, t)
+            barrier()
+        run.trained, run.iteration, run.step = means, t + 1, 0
+        save_checkpoint(run, model)
+        if stop.stopping:
+            stop_run(run, model, stop, world)
 
     if rank == 0:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:

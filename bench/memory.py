@@ -7,6 +7,7 @@
     torchrun --standalone --nproc_per_node 2 bench/memory.py --fsdp   # the FSDP2 cells alone, per-rank JSON
     python bench/memory.py --device cuda --only step --layers 2   # on a GPU (not yet run on one):
                                                                   # torch.cuda.max_memory_allocated
+    python bench/memory.py --only step --precision lora   # the LoRA cells alone and the one-GPU table
 
 The model has the 7B preset's shapes (d 4096, hidden 14336, 32 heads, 8 KV heads, V 32000) and 1 or
 2 layers. The step is train.py's self-play micro-batch: 1 prompt with its real and 1 generated
@@ -20,6 +21,10 @@ space.sequence_logprobs, space_loss, backward, RMSProp (the papers' optimizer). 
             (param_dtype=bf16) computes on each GPU. Opt-in (--precision bf16; give --precision once
             per precision wanted) to keep the default run under 15 minutes; when present, the
             8-GPU plan takes its activations from it
+  lora      train.py --lora 16 --bf16 in one process: the frozen base in bf16, rank-16 adapters on
+            every projection (wq wk wv wo w1 w2 w3, lora.add_lora) in fp32 under bf16 autocast,
+            RMSProp over the adapters alone. Opt-in (--precision lora), with checkpointing only; it
+            adds the one-GPU table (7B on one 80, 48 or 24 GB GPU, with and without LoRA)
 each with and without activation checkpointing (parallel.parallelize's checkpoint_wrapper per block).
 
 Method. Each configuration runs in a fresh process. It builds the model and RMSProp and takes one
@@ -59,7 +64,6 @@ import json
 import resource
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -67,6 +71,7 @@ import torch.distributed as dist
 import common
 import parallel
 from common import Meter, naive_logprobs
+from lora import add_lora
 from model import PRESETS, Transformer
 from space import sequence_logprobs, space_loss
 
@@ -77,7 +82,9 @@ WARM_SEQ = 16                     # the warm-up step's sequence length
 FSDP_SEQ, MICRO = 32, 4           # FSDP2 cells: tokens per sequence, micro-batches per step
 FSDP_CELLS = [(1, "last"), (MICRO, "last"), (MICRO, "every")]
 RANKS, LAYERS = 8, ARGS.n_layers  # the paper's run: 8 GPUs, 32 layers
-PRECISIONS = {"fp32": (torch.float32, False), "autocast": (torch.float32, True), "bf16": (torch.bfloat16, False)}
+PRECISIONS = {"fp32": (torch.float32, False), "autocast": (torch.float32, True), "bf16": (torch.bfloat16, False),
+              "lora": (torch.bfloat16, True)}
+LORA_R = 16                       # the lora cells' rank (α = 2r); every projection adapted
 MB, GB = 1e6, 1e9
 # -----------------------------------------------------------------------------
 
@@ -85,6 +92,9 @@ BLOCK_PARAMS = (ARGS.dim * ARGS.head_dim * 2 * (ARGS.n_heads + ARGS.n_kv_heads) 
                 + 3 * ARGS.dim * ARGS.hidden_dim + 2 * ARGS.dim)                  # w1, w2, w3, norms
 ROOT_PARAMS = 2 * ARGS.vocab_size * ARGS.dim + ARGS.dim                             # embedding, head, norm
 PARAMS = LAYERS * BLOCK_PARAMS + ROOT_PARAMS                                        # 7,241,732,096
+KV = ARGS.n_kv_heads * ARGS.head_dim
+LORA_PARAMS = LAYERS * LORA_R * (2 * (ARGS.dim + ARGS.n_heads * ARGS.head_dim) + 2 * (ARGS.dim + KV)
+                                 + 3 * (ARGS.dim + ARGS.hidden_dim))                # r (in + out) per projection
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
@@ -138,8 +148,10 @@ def measure_step(precision, ac, layers, device):
     torch.manual_seed(0)
     dtype, use_autocast = PRECISIONS[precision]
     model = Transformer(replace(ARGS, n_layers=layers)).to(device=device, dtype=dtype)
-    model = parallel.parallelize(model, SimpleNamespace(activation_checkpointing=ac, bf16=use_autocast), 1, device)
-    opt = torch.optim.RMSprop(model.parameters(), lr=1e-7)
+    if precision == "lora":  # the base frozen in bf16, fp32 adapters: only they have gradients and state
+        add_lora(model, LORA_R, 2 * LORA_R)
+    model = parallel.parallelize(model, 1, activation_checkpointing=ac)
+    opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-7)
     self_play_loss(model, make_batch(WARM_SEQ, WARM_SEQ // 2, device), use_autocast, device).backward()
     opt.step()
     opt.zero_grad(set_to_none=False)                               # the gradients stay: baseline
@@ -194,7 +206,7 @@ def measure_fsdp():
     rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     torch.manual_seed(0)
     model = Transformer(replace(ARGS, n_layers=2))
-    model = parallel.parallelize(model, SimpleNamespace(activation_checkpointing=False, bf16=True), world, device)
+    model = parallel.parallelize(model, world, bf16=True)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-7)
     sent = {}
 
@@ -370,6 +382,39 @@ def plan_table(derived, fsdp):
           f"and generation (README: bf16 θ_t 14.5 GB + KV cache 6.3 GB).")
 
 
+def one_gpu_table(derived):
+    """7B on one GPU, with and without LoRA: what training and generation hold (bytes on the GPU)."""
+    lora_act = derived[("lora", True)]["total"]
+    full = next((p for p in ("autocast", "fp32") if (p, True) in derived), None)
+    full_act = derived[(full, True)]["total"] if full else None
+    kv = 64 * (PROMPT + 256) * 2 * LAYERS * KV * 2   # paper preset: 64 prompts x (512 + 256) tokens, bf16 K and V
+    rows = [
+        ("full fine-tuning, RMSProp (fp32 weights, gradients, one moment: 12 B x P)", 12 * PARAMS, full_act, full),
+        ("full fine-tuning, AdamW (two moments: 16 B x P)", 16 * PARAMS, full_act, full),
+        (f"LoRA r = {LORA_R} on every projection, RMSProp: bf16 base 2 B x P + fp32 adapters, gradients, "
+         f"state ({LORA_PARAMS / 1e6:.0f} M x 12 B)", 2 * PARAMS + 12 * LORA_PARAMS, lora_act, "lora"),
+        (f"LoRA r = {LORA_R}, AdamW ({LORA_PARAMS / 1e6:.0f} M x 16 B)", 2 * PARAMS + 16 * LORA_PARAMS, lora_act, "lora"),
+    ]
+    print(f"\n### 7B on one GPU, activation checkpointing, 1 prompt per micro-batch (A: arithmetic; M: activations "
+          f"measured here at 1 and 2 layers, extrapolated to {LAYERS})\n")
+    print("| training | weights + gradients + state GB | activations GB | total GB | 80 GB | 48 GB | 24 GB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, state, act, src in rows:
+        if act is None:
+            print(f"| {name} | {state / GB:.1f} (A) | not measured in this run | > {state / GB:.0f} "
+                  + "| " + " | ".join("no" if state > c * GB else "?" for c in (80, 48, 24)) + " |")
+            continue
+        total = state + act
+        print(f"| {name} | {state / GB:.1f} (A) | {act / GB:.1f} (M, {src}) | {total / GB:.1f} | "
+              + " | ".join("fits" if total < c * GB else "no" for c in (80, 48, 24)) + " |")
+    gen = 2 * PARAMS + kv
+    print(f"\nGeneration on one GPU (A): θ_t whole in bf16 ({2 * PARAMS / GB:.1f} GB, the adapter merged) + the KV "
+          f"cache of 64 prompts x 768 tokens ({kv / GB:.1f} GB: {2 * LAYERS * KV * 2 / 1e3:.0f} KB a token) = "
+          f"{gen / GB:.1f} GB. With LoRA the bf16 base is θ_t itself, so that is all the GPU holds (the fp32 master, "
+          f"{4 * PARAMS / GB:.0f} GB, stays in host memory); full fine-tuning in one process also keeps its fp32 "
+          f"weights on the GPU: {(4 * PARAMS + gen) / GB:.1f} GB.")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=["step", "head", "fsdp"], action="append", help="run only these parts")
@@ -405,7 +450,7 @@ def main():
     if "step" in parts:
         cells = {}
         for p in precisions:
-            for ac in (False, True):
+            for ac in (True,) if p == "lora" else (False, True):
                 for n in sorted(args.layers or [1, 2]):
                     cells[(p, ac, n)] = child(["--step", p, str(int(ac)), str(n), "--device", args.device])
         derived = step_tables(cells, args.device)
@@ -417,6 +462,8 @@ def main():
         fsdp = fsdp_table(child(["--fsdp"], torchrun=True))
     if any((p, True) in derived and (p, False) in derived for p in PRECISIONS):
         plan_table(derived, fsdp)
+    if ("lora", True) in derived:
+        one_gpu_table(derived)
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"\ntotal {time.time() - t_start:.0f} s wall, {cpu.ru_utime + cpu.ru_stime:.0f} s CPU in the children; "
           f"load average after: {common.load_avg()} (this includes the benchmark's own threads)")
