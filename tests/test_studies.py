@@ -168,7 +168,8 @@ def test_reply_metrics_against_a_count_reply_by_reply():
     stops = {2, 7}
     for _ in range(20):
         n = rng.randrange(1, 9)
-        out = [[rng.randrange(10, 50) for _ in range(rng.randrange(0, 6))] + rng.choice([[], [2], [7]]) for _ in range(n)]
+        out = [[rng.randrange(10, 50) for _ in range(rng.randrange(0, 6))] + rng.choice([[], [2], [7]])
+               for _ in range(n)]
         reals = [rng.choice(["Yes.", "Sure, here it is:", "日本語 です"]) for _ in range(n)]
         replies = [rng.choice([y, y + " ", "Maybe, maybe not."]) for y in reals]
         got = smollm2.reply_metrics(out, replies, reals, stops)
@@ -214,7 +215,8 @@ def test_split_keeps_what_fits_smollm2s_template_unduplicated_in_order(tmp_path,
         n_prompt = len(hf(head, add_special_tokens=False)["input_ids"])
         reply = hf(whole[len(head):], add_special_tokens=False)["input_ids"]
         n_reply = reply.index(hf.convert_tokens_to_ids("<|im_end|>")) + 1
-        why = "twice" if prompt[0]["content"] in seen else "prompt" if n_prompt > 90 else "reply" if n_reply > 40 else ""
+        why = ("twice" if prompt[0]["content"] in seen else "prompt" if n_prompt > 90 else
+               "reply" if n_reply > 40 else "")
         dropped[why] = dropped.get(why, 0) + 1
         if why:
             continue
