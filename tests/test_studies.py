@@ -1,8 +1,10 @@
-"""The studies' own arithmetic (studies/gem.py, studies/plateau.py, studies/runs.py) against naive
+"""The studies' own arithmetic (studies/gem.py, plateau.py, runs.py, smollm2.py) against naive
 recomputations: pass@k by enumerating every k-subset of the samples, distinct-n by counting n-grams
 one by one, the plateau rule on sweeps built to stop at a known E, the count of self-play pairs
 whose sample is the real answer against a direct count over the records, read from the iteration
-that made each θ_t, and the tables' cells (mean ± sd over seeds, the value alone for one seed)."""
+that made each θ_t, and the tables' cells (mean ± sd over seeds, the value alone for one seed); for
+studies/smollm2.py, the records salvaged from a cut JSON file, the held-out and self-play split
+against transformers' own template and token counts, and the metrics of θ_t's samples."""
 import itertools
 import json
 import os
