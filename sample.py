@@ -276,7 +276,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 # -----------------------------------------------------------------------------
 # Command line: chat with a checkpoint
 
-def main():
+def main(argv=None):
     from tokenizer import Tokenizer, add_template_flags, parse_template_args  # only the command line needs it
     parser = argparse.ArgumentParser(description="Sample a reply from a checkpoint (Hugging Face or Mistral folder).")
     parser.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors, or params.json)")
@@ -292,7 +292,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights and KV cache dtype (sampling is fp32 regardless)")
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
 
     try:
         tok = Tokenizer(cli.tokenizer or cli.model, cli.chat_template, parse_template_args(cli.chat_template_arg))

@@ -2,7 +2,7 @@
 The self-play round of iteration t: what the frozen opponent θ_t does before θ is trained on it
 (step 1 of both papers' Algorithm 1), and the held-out evaluation that uses the same machinery.
 
-    records, changed = self_play_round(policy, scorer, tok, chats, cfg, t, rank, world)
+    records, changed = self_play_round(policy, scorer, tok, chats, cfg, t, rank, world, stop)
 
 At paper scale this round is the expensive and fragile part of an iteration: 50k prompts × K samples
 of up to 256 tokens, then every response scored by θ_t. So:
@@ -112,6 +112,14 @@ def _text_ids(ids, tok):
     return ids[:-1] if ids and ids[-1] in tok.end_of_turn_ids else ids
 
 
+def reencoded_share(records, t) -> float | None:
+    """The share of the responses iteration t drew whose stored text re-encodes to other ids than were
+    sampled (each record's "reencoded_changed", one flag a generated response); None if it drew none.
+    Read from the records, so a round resumed from its parts reports what an uninterrupted one does."""
+    flags = [f for r in records if r["drawn_by"] == t for f in r.get("reencoded_changed", [])]
+    return sum(flags) / len(flags) if flags else None
+
+
 def previous_samples(cfg, t, n_prompts) -> list[list[dict]]:
     """For each prompt, the records drawn for it in iterations t-N .. t-1 (N = --mix-previous), oldest
     first. Iteration s's own draws are the records of iter_s/selfplay.jsonl with drawn_by == s, in
@@ -134,11 +142,11 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world, stop=None) 
     samples of earlier iterations, and θ_t's reference scores of every response (scorer(seqs) -> s_θt
     of each (ids, loss_mask), computed as training computes s_θ; `score` above does the work).
     Returns every record iteration t trains on, on every rank (OUT/iter_t/selfplay.jsonl holds them),
-    and the share of the responses drawn here whose stored text re-encodes to other ids than were
-    sampled (None if none were drawn here: a resumed round). Byte-level BPE can do that: a split the
-    tokenizer would not make, or a character cut at the length limit. Training uses the re-encoded ids.
+    and the share of the responses drawn in iteration t whose stored text re-encodes to other ids than
+    were sampled (reencoded_share). Byte-level BPE can do that: a split the tokenizer would not make,
+    or a character cut at the length limit. Training uses the re-encoded ids.
     stop() is asked before each round of chunks (see rounds); where it says so the round ends there and
-    the records are None: the chunks done are on disk, and a resumed run draws the others."""
+    (None, None) is returned: the chunks done are on disk, and a resumed run draws the others."""
     folder = os.path.join(cfg.out, f"iter_{t}")
     final = os.path.join(folder, "selfplay.jsonl")
 
@@ -150,13 +158,12 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world, stop=None) 
         return data.load_selfplay(final)
     records = from_rank0(merged_already)
     if records is not None:
-        return records, None
+        return records, reencoded_share(records, t)
     K = cfg.samples_per_prompt
     prompts = chunked([data.split_chat(ch["messages"]) for ch in chats], cfg.gen_batch)
     reused = chunked(from_rank0(lambda: previous_samples(cfg, t, len(chats))), cfg.gen_batch)
     os.makedirs(folder, exist_ok=True)
     todo = from_rank0(lambda: [c for c in range(len(prompts)) if not os.path.exists(part_path(folder, c))])
-    changed = [0, 0]  # responses whose text re-encodes to other ids, responses drawn
     if rank == 0:
         reuse = f"; reusing the samples of iterations {max(0, t - cfg.mix_previous)}..{t - 1}" if t and cfg.mix_previous else ""
         print(f"iteration {t}: generating {len(todo)} of {len(prompts)} chunks ({len(prompts) - len(todo)} already "
@@ -173,12 +180,11 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world, stop=None) 
         out = generate(policy, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                        eos_id=tok.end_of_turn_ids, seed=cfg.seed * 1_000_003 + t * 10_007 + c, num_samples=K)
         texts = [data.decode_response(tok, o) for o in out]
-        for j, (drawn, y) in enumerate(zip(out, texts)):  # the response's tokens, its end-of-turn token aside
-            again = data.encode_response(tok, prompts[c][j // K][0], y)
-            changed[0] += _text_ids(again, tok) != _text_ids(drawn, tok)
-        changed[1] += len(out)
-        new = [{"messages": p, "real": y, "generated": texts[j * K:(j + 1) * K], "drawn_by": t}
-               for j, (p, y) in enumerate(prompts[c])]
+        # does the stored text give back the sampled ids (its end-of-turn token aside)? kept with the record
+        changed = [_text_ids(data.encode_response(tok, prompts[c][j // K][0], y), tok) != _text_ids(drawn, tok)
+                   for j, (drawn, y) in enumerate(zip(out, texts))]
+        new = [{"messages": p, "real": y, "generated": texts[j * K:(j + 1) * K], "drawn_by": t,
+                "reencoded_changed": changed[j * K:(j + 1) * K]} for j, (p, y) in enumerate(prompts[c])]
         old = [{k: r[k] for k in ("messages", "real", "generated", "drawn_by")} for rs in reused[c] for r in rs]
         part = new + old
         seqs = [data.encode_example(tok, r["messages"], y, cfg.max_prompt, cfg.max_length)[:2]
@@ -188,9 +194,7 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world, stop=None) 
             r["ref_real"], r["ref_generated"] = s[i * (K + 1)], s[i * (K + 1) + 1:(i + 1) * (K + 1)]
         data.save_jsonl(part_path(folder, c), part)
     if dist.is_initialized():
-        everyone = [None] * world
-        dist.all_gather_object(everyone, changed)
-        changed = [sum(x) for x in zip(*everyone)]
+        dist.barrier()  # every part written before rank 0 merges them
 
     def merge():
         merged = [r for c in range(len(prompts)) for r in data.load_selfplay(part_path(folder, c))]
@@ -198,7 +202,8 @@ def self_play_round(policy, scorer, tok, chats, cfg, t, rank, world, stop=None) 
         for c in range(len(prompts)):
             os.remove(part_path(folder, c))
         return merged
-    return from_rank0(merge), changed[0] / changed[1] if changed[1] else None
+    records = from_rank0(merge)
+    return records, reencoded_share(records, t)
 
 
 # -----------------------------------------------------------------------------

@@ -600,7 +600,7 @@ def train_phase(model, cfg, run, device, pad_id, stop, method, examples, epochs,
 
 
 def load_data(cfg, rank):
-    """(tokenizer, its file, sft chats, self-play chats, held-out chats). Splits that cannot work fail
+    """(tokenizer, sft chats, self-play chats, held-out chats). Splits that cannot work fail
     here, before any work, naming the counts and the flags that fix them."""
     if cfg.data:
         chats = data.load_chats(cfg.data)
@@ -816,7 +816,9 @@ def main(argv=None):
             records, changed = self_play_round(policy, scorer, tok, selfplay_chats, cfg, t, rank, world, stop)
             if records is None:  # stopped after a round of chunks, which are on disk
                 stop_run(run, model, stop, world)
-            if changed is not None:  # share of samples whose text re-encodes to other ids than were drawn
+            # the share of samples whose text re-encodes to other ids than were drawn; a run resumed mid-training
+            # logged it before its checkpoint
+            if changed is not None and run.step == 0:
                 run.log({"iteration": t, "selfplay/reencoded_changed": changed})
                 print0(f"iteration {t}: {changed:.2%} of the generated responses re-encode to other ids than were sampled")
         del policy, scorer
