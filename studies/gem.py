@@ -56,9 +56,10 @@ def diversity(folder, seed, n_prompts, train_size):
     import data
     from model import load_model
     from sample import generate
+    from tokenizer import Tokenizer
     torch.set_num_threads(1)
     model = load_model(os.path.join(folder, "iter_0")).eval()
-    tok = data.Tokenizer(os.path.join(folder, "iter_0", "tokenizer.model"))
+    tok = Tokenizer(os.path.join(folder, "iter_0", "tokenizer.model"))
     # the held-out split is drawn first, so it is the same whatever the other splits' sizes
     chats = data.demo_splits(0, train_size, train_size, 300)["test"][:n_prompts]
     prompts = [data.split_chat(c["messages"]) for c in chats]
