@@ -29,7 +29,7 @@ file's length) is written with torch.distributed.checkpoint; --resume continues 
 number of ranks, and ends where an uninterrupted run ends. A NaN or inf loss stops the run before
 the optimizer step, so the last checkpoint stays good. SIGTERM or SIGUSR1 (a cluster preempting the
 job) stops every rank at the next safe point, where the run checkpoints, writes OUT/stopped.json and
-prints the --resume command (Preemption). Across nodes OUT must be a shared filesystem.
+prints the --resume command (checkpoint.Preemption). Across nodes OUT must be a shared filesystem.
 
 With --lora R each iteration trains a fresh rank-R adapter on the frozen θ_t (bf16 on the device with
 --bf16) instead of every weight; at its end the adapter is merged in fp32 into θ_t's fp32 master,
@@ -46,9 +46,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
-import signal
-import sys
 import tempfile
 import time
 
@@ -58,7 +55,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 
 import data
-from checkpoint import Run, checkpoint_name, export, latest_checkpoint, load_weights, resume, resume_phase, save_checkpoint
+from checkpoint import (STOPPED, Preemption, Run, checkpoint_name, export, latest_checkpoint, load_weights, resume,
+                        resume_phase, save_checkpoint, stop_run)
 from lora import (ALL_TARGETS, adapter_state, add_lora, init_adapters, lora_modules, merge_weights, parse_targets, row_keys,
                   save_adapter, set_dropout_rows)
 from model import ModelArgs, Transformer, load_model
@@ -323,117 +321,6 @@ def opponent(model, cfg, world, device, pad_id):
         with autocast(cfg, device):
             return score(live, seqs, pad_id, cfg.score_tokens)
     return policy, scorer
-
-# -----------------------------------------------------------------------------
-# Preemption: a signal stops the run at the next safe point, every rank at the same one
-STOPPED = "stopped.json"  # OUT/stopped.json: the run stopped on a signal and can be resumed
-
-
-class Preemption:
-    """SIGTERM (a cluster preempting the job: SLURM, Kubernetes) or SIGUSR1 (SLURM's --signal, ahead of
-    the time limit) asks the run to stop. The handler only notes it; the loop asks at its safe points
-    whether any rank was signalled, through a collective that every rank reaches at the same points
-    (Megatron-LM's --exit-signal-handler does the same), so all stop together: in training after the
-    current optimizer step (the flags ride on the step's one read-back, no extra collective), in
-    generation after the current round of chunks, in evaluation where it stands. A rank that stopped
-    alone would leave the others waiting in their next collective until --dist-timeout. Signals after
-    the first are noted and ignored: the checkpoint being written is never cut short.
-
-    The hidden test flags make the run signal itself: --inject-signal-step K (rank 0, during global
-    step K; under torchrun to its agent, which forwards it to every worker), --inject-signal-check N
-    (the last rank alone, just before the N-th check outside training) and --inject-second-signal (each
-    rank again as its stop's checkpoint starts)."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, cfg, rank, world, device):
-        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        self.received = None   # the first signal this rank got
-        self.stopping = None   # the signal the ranks agreed to stop on (the first one any rank got)
-        self.checks = 0
-        for s in self.SIGNALS:
-            signal.signal(s, self.handler)
-
-    def handler(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received is None:
-            self.received = signum
-            print(f"rank {self.rank}: {name}: stopping at the next safe point, with a checkpoint", flush=True)
-        else:
-            print(f"rank {self.rank}: {name} again: ignored, the run is already stopping", flush=True)
-
-    def flags(self) -> list[float]:
-        """This rank's vote, one number per signal, to be summed over the ranks."""
-        return [float(self.received == s) for s in self.SIGNALS]
-
-    def agree(self, summed) -> bool:
-        """summed: flags() summed over the ranks. True on every rank if any rank was signalled."""
-        for s, n in zip(self.SIGNALS, summed):
-            if n > 0 and self.stopping is None:
-                self.stopping = s
-        return self.stopping is not None
-
-    def __call__(self) -> bool:
-        """A safe point outside training (one round of generation or evaluation chunks): a collective."""
-        self.checks += 1
-        if self.checks == self.cfg.inject_signal_check and self.rank == self.world - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.agree(all_sum(self.flags(), self.device))
-
-    def inject_at_step(self, global_step):
-        """--inject-signal-step: rank 0 sends SIGTERM, under torchrun to its agent, and waits until the
-        signal is back with itself, so the stop lands at this step whatever the forwarding's delay."""
-        if global_step != self.cfg.inject_signal_step or self.rank != 0:
-            return
-        os.kill(os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid(), signal.SIGTERM)
-        deadline = time.time() + 60
-        while self.received is None and time.time() < deadline:
-            time.sleep(0.01)
-
-    def before_checkpoint(self):
-        if self.cfg.inject_second_signal:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-def resume_command(world):
-    """The command line that continues this run: the same flags with --resume (hidden test flags left out)."""
-    args, words = [], iter(sys.argv[1:])
-    for a in words:
-        if a in ("--inject-nan-step", "--inject-signal-step", "--inject-signal-check"):
-            next(words, None)  # and its value
-        elif not a.startswith("--inject-"):
-            args.append(a)
-    args += [] if "--resume" in args else ["--resume"]
-    if world == 1:
-        return shlex.join([os.path.basename(sys.executable), sys.argv[0], *args])
-    nodes, local = world // int(os.environ.get("LOCAL_WORLD_SIZE", world)), os.environ.get("LOCAL_WORLD_SIZE", world)
-    launcher = ["torchrun", "--nproc_per_node", str(local)] + (["--nnodes", str(nodes)] if nodes > 1 else [])
-    return shlex.join([*launcher, sys.argv[0], *args]) + (" (on every node, with its rendezvous flags)" if nodes > 1 else "")
-
-
-def stop_run(run, model, stop, world):
-    """The ranks agreed to stop: make sure the latest checkpoint is where the run stands (mid-phase,
-    train_phase has written it with the optimizer; at an iteration's start it exists already), record
-    the stop in OUT/stopped.json, say where and how to resume, and exit with 128 + the signal's number,
-    a shell's status for a process the signal ended (under torchrun the agent exits 1 whatever the
-    workers return, so a job script reads stopped.json instead)."""
-    if run.latest != checkpoint_name(run):
-        stop.before_checkpoint()
-        save_checkpoint(run, model)
-    name = signal.Signals(stop.stopping).name
-    if run.rank == 0:
-        ckpt = os.path.join(run.out, "ckpt", run.latest)
-        command = resume_command(world)
-        record = {"signal": name, "phase": run.phase, "iteration": run.iteration, "step": run.step,
-                  "global_step": run.global_step, "checkpoint": ckpt, "resume": command}
-        with open(os.path.join(run.out, STOPPED + ".tmp"), "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(os.path.join(run.out, STOPPED + ".tmp"), os.path.join(run.out, STOPPED))
-        print(f"stopped by {name} at {run.phase} {run.iteration}, step {run.step} (global step {run.global_step}); "
-              f"checkpoint {ckpt}\nresume with: {command}", flush=True)
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    raise SystemExit(128 + stop.stopping)
 
 # -----------------------------------------------------------------------------
 # Training: one phase is E epochs of one loss over one dataset, with a fresh optimizer and schedule

@@ -282,7 +282,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(reference, tmp_path):
 # -----------------------------------------------------------------------------
 # Preemption: SIGTERM stops the run at the next safe point with a checkpoint there; --resume ends
 # bit-identical to the uninterrupted run. The smoke phases last under a second, so the run signals
-# itself (hidden flags, see train.Preemption); --ckpt-every 1000 is longer than any phase, so the
+# itself (hidden flags, see checkpoint.Preemption); --ckpt-every 1000 is longer than any phase, so the
 # only checkpoint mid-phase is the stop's own.
 
 
