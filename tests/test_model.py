@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from model import PRESETS, ModelArgs, Transformer, load_model, save_model
+from model import PRESETS, ModelArgs, Transformer, attend_one, load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file
@@ -57,6 +57,26 @@ def test_loads_hf_checkpoint_with_matching_logits(tmp_path, model_type, tied, sh
     with torch.no_grad():
         diff = (ours(x) - hf_logits(ref, x)).abs().max().item()
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_is_sdpa(dtype):
+    """attend_one (a decode step's one query per row) against SDPA in float64: GQA (6 query heads on 2
+    key heads), a mask with left padding and a window, and the fp32 arithmetic SDPA uses in bf16."""
+    g = torch.Generator().manual_seed(3)
+    B, H, n_kv, S, hd = 4, 6, 2, 37, 16
+    q = (2 * torch.randn(B, H, 1, hd, generator=g)).to(dtype)
+    k, v = (torch.randn(B, n_kv, S, hd, generator=g).to(dtype) for _ in range(2))
+    slots = torch.arange(S)
+    mask = (slots >= torch.tensor([0, 5, 11, 20])[:, None]) & (slots > S - 1 - 24)  # pads, then a window of 24
+    mask = mask[:, None, None, :]
+    for m in (mask, None):
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m,
+                                                                enable_gqa=True)
+        got = attend_one(q, k, v, m)
+        assert got.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's own rounding
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
 def test_sliding_window_changes_the_result():
