@@ -285,8 +285,9 @@ def attend_one(q, k, v, mask):
     """Attention of one query per row, q [B, H, 1, hd], over k, v [B, n_kv, S, hd]; mask [B, 1, 1, S]
     (True: visible) or None (every key). What F.scaled_dot_product_attention computes, in fp32 as it
     does, as two plain products: each group of H / n_kv query heads against its shared key head. In
-    bf16 on CPU, torch 2.13's SDPA kernel takes twice as long at this shape, which is every decode
-    step of sampling."""
+    bf16 on a CPU, torch 2.13's SDPA kernel takes twice as long at this shape, which is every decode
+    step of sampling. Not on a GPU: there SDPA's decode kernels read the bf16 cache once, where this
+    would copy it to fp32 every step (not measured: no GPU run yet)."""
     B, H, _, hd = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     scores = q.float().view(B, n_kv, H // n_kv, hd) @ k.float().transpose(-1, -2) * hd ** -0.5  # [B, n_kv, H/n_kv, S]
@@ -326,7 +327,7 @@ class Attention(nn.Module):
             # the cache stores this step's keys and values and returns every key and value so far
             k, v = cache.update(self.layer_id, k, v)                               # [B, n_kv, S, hd]
         # mask None means plain causal attention over T; otherwise True marks the keys a query may see
-        if T == 1:  # a decode step: one query per row against the cache
+        if T == 1 and q.device.type == "cpu":  # a decode step on a CPU: one query per row against the cache
             y = attend_one(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
